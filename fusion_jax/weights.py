@@ -19,6 +19,7 @@ refused unless the caller passes `allow_pickle=True`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,6 +30,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+@dataclasses.dataclass
+class Pipeline:
+    """The components of a Stable Diffusion pipeline, as `load_pipeline` returns them."""
+
+    unet: nnx.Module  # UNet2DConditionModel
+    vae: nnx.Module  # AutoencoderKL
+    text_encoder: nnx.Module  # CLIPTextModel
+    tokenizer: Any  # host-side tokenizer: list[str] -> int32 (B, L)
+    schedule: Any  # fusion_jax.schedulers.NoiseSchedule from scheduler_config.json
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _MAX_KEYS_IN_MESSAGE = 20
@@ -170,6 +186,11 @@ def load_state_dict(
 def _torch_key(path: tuple) -> str:
     name, _ = _ours_to_torch(np.zeros((1,) * (4 if path[-1] == "kernel" else 1)), str(path[-1]))
     return _path_to_key(path[:-1] + (name,))
+
+
+def torch_keys(model: nnx.Module) -> list[str]:
+    """The checkpoint key of every parameter of `model` (works on abstract models too)."""
+    return [_torch_key(path) for path in _param_variables(model)]
 
 
 def state_dict(model: nnx.Module, *, include: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
@@ -337,3 +358,192 @@ def write_component(folder: str | os.PathLike, config: dict, tensors: Mapping[st
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / weights_name)  # never leave a half-written weights file under the real name
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Components: UNet, VAE, text encoder, pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = "model"
+_TEXT_ENCODER_IGNORED = (r"(^|\.)position_ids$",)  # a buffer that older transformers checkpoints saved
+
+
+def _dtypes(dtype, param_dtype):
+    dtype = jnp.dtype(dtype)
+    return dtype, jnp.dtype(param_dtype) if param_dtype is not None else dtype
+
+
+def _load_component(folder: Path, config, model_cls, stem: str, *, dtype, param_dtype, allow_pickle, variant,
+                    ignore=()):
+    dtype, param_dtype = _dtypes(dtype, param_dtype)
+    tensors = read_component_tensors(folder, stem, variant=variant, allow_pickle=allow_pickle)
+    return build_from_tensors(
+        lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+        tensors,
+        source=str(folder),
+        ignore=ignore,
+    )
+
+
+def load_unet(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "unet", allow_pickle: bool = False,
+              variant: str | None = None):
+    """A diffusers UNet2DConditionModel folder (or pipeline folder / HF cache entry) -> our UNet."""
+    from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    folder = component_dir(path, subfolder)
+    config = UNetConfig.from_dict(read_config(folder))
+    return _load_component(folder, config, UNet2DConditionModel, DIFFUSERS_WEIGHTS, dtype=dtype,
+                           param_dtype=param_dtype, allow_pickle=allow_pickle, variant=variant)
+
+
+def load_vae(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "vae", allow_pickle: bool = False,
+             variant: str | None = None):
+    """A diffusers AutoencoderKL folder (or pipeline folder / HF cache entry) -> our VAE."""
+    from fusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+    folder = component_dir(path, subfolder)
+    config = AutoencoderKLConfig.from_dict(read_config(folder))
+    return _load_component(folder, config, AutoencoderKL, DIFFUSERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
+                           allow_pickle=allow_pickle, variant=variant)
+
+
+def load_text_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "text_encoder",
+                      allow_pickle: bool = False, variant: str | None = None):
+    """A transformers CLIPTextModel(WithProjection) folder -> our text encoder (class from `architectures`)."""
+    from fusion_jax.models import clip
+
+    folder = component_dir(path, subfolder)
+    raw = read_config(folder)
+    config = clip.CLIPTextConfig.from_dict(raw)
+    with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
+    model_cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
+    return _load_component(folder, config, model_cls, TRANSFORMERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
+                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED)
+
+
+def load_vision_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "image_encoder",
+                        allow_pickle: bool = False, variant: str | None = None):
+    """A transformers CLIPVisionModel(WithProjection) folder -> our vision tower (FaceStudio's style encoder)."""
+    from fusion_jax.models import clip
+
+    folder = component_dir(path, subfolder)
+    raw = read_config(folder)
+    config = clip.CLIPVisionConfig.from_dict(raw)
+    with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
+    model_cls = clip.CLIPVisionModelWithProjection if with_projection else clip.CLIPVisionModel
+    return _load_component(folder, config, model_cls, TRANSFORMERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
+                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED)
+
+
+def load_schedule(path, subfolder: str = "scheduler"):
+    """The training noise schedule from `scheduler/scheduler_config.json` (SD 1.x defaults when absent)."""
+    from fusion_jax import schedulers
+
+    root = resolve_model_path(path)
+    file = root / subfolder / "scheduler_config.json"
+    if not file.is_file():
+        return schedulers.NoiseSchedule()
+    with open(file) as f:
+        return schedulers.NoiseSchedule.from_diffusers_config(json.load(f))
+
+
+def load_pipeline(path, *, dtype=jnp.float32, param_dtype=None, allow_pickle: bool = False,
+                  variant: str | None = None) -> Pipeline:
+    """A diffusers Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from fusion_jax.tokenizer import load_tokenizer
+
+    root = resolve_model_path(path)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, variant=variant)
+    return Pipeline(
+        unet=load_unet(root, **kwargs),
+        vae=load_vae(root, **kwargs),
+        text_encoder=load_text_encoder(root, **kwargs),
+        tokenizer=load_tokenizer(root / "tokenizer"),
+        schedule=load_schedule(root),
+    )
+
+
+def _diffusers_config(config, class_name: str) -> dict:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.42.0"
+    return {"_class_name": class_name, "_diffusers_version": version, **config.to_dict()}
+
+
+def save_unet(model, path) -> Path:
+    """Write a diffusers-format UNet folder (config.json + diffusion_pytorch_model.safetensors) that diffusers'
+    `UNet2DConditionModel.from_pretrained` loads.
+
+    Only the parameters of the base UNet are written (found by building an abstract base UNet from the same
+    config): identity modules attached on top are not part of diffusers' format and are exported separately.
+    """
+    from fusion_jax.models.unet import UNet2DConditionModel
+
+    base = nnx.eval_shape(lambda: UNet2DConditionModel(model.config, rngs=nnx.Rngs(0)))
+    base_keys = set(torch_keys(base))
+    write_component(path, _diffusers_config(model.config, "UNet2DConditionModel"),
+                    state_dict(model, include=base_keys.__contains__), DIFFUSERS_WEIGHTS + ".safetensors")
+    return Path(path)
+
+
+def save_vae(model, path) -> Path:
+    write_component(path, _diffusers_config(model.config, "AutoencoderKL"), state_dict(model),
+                    DIFFUSERS_WEIGHTS + ".safetensors")
+    return Path(path)
+
+
+def save_text_encoder(model, path) -> Path:
+    from fusion_jax.models import clip
+
+    arch = "CLIPTextModelWithProjection" if isinstance(model, clip.CLIPTextModelWithProjection) else "CLIPTextModel"
+    config = {"architectures": [arch], "model_type": "clip_text_model", **model.config.to_dict()}
+    write_component(path, config, state_dict(model), TRANSFORMERS_WEIGHTS + ".safetensors")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single-file (WebUI / original LDM layout) checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_unet_single_file(file, *, config, dtype=jnp.float32, param_dtype=None, allow_pickle: bool = False):
+    """A single-file Stable Diffusion checkpoint (original LDM key layout, as WebUI tools save it) -> our UNet.
+
+    The key renaming is diffusers' own converter (`convert_ldm_unet_checkpoint`, PyTorch); `config` is a local
+    diffusers pipeline folder, UNet folder or HF cache entry that supplies the UNet's config.json (nothing is
+    downloaded, so it must be given).
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    file = Path(file)
+    raw_config = read_config(component_dir(config, "unet"))
+    checkpoint = _read_torch_tensors(file, allow_pickle=allow_pickle)
+    converted = convert_ldm_unet_checkpoint(checkpoint, raw_config)
+    tensors = {k: v.float().numpy() if str(v.dtype) == "torch.bfloat16" else v.numpy() for k, v in converted.items()}
+    dtype, param_dtype = _dtypes(dtype, param_dtype)
+    config_obj = UNetConfig.from_dict(raw_config)
+    return build_from_tensors(
+        lambda: UNet2DConditionModel(config_obj, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+        tensors,
+        source=str(file),
+    )
+
+
+def _read_torch_tensors(file: Path, *, allow_pickle: bool):
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
+    import torch
+
+    arrays = read_tensors(file, allow_pickle=allow_pickle)  # refuses pickles unless allowed
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}

@@ -1,0 +1,395 @@
+"""Typed experiment configs: frozen dataclasses, YAML files with `base:` inheritance, `key=value` overrides.
+
+Why: every run is described by one resolved, validated config that is saved next to its checkpoints, and every
+mistake in a config (unknown key, wrong type, bad choice) is reported before anything is compiled, naming the
+full dotted key and the file or override it came from.
+
+How a config is resolved (`load_config`):
+  1. the YAML file is read; its `base:` (a path or a list of paths, relative to the YAML file) is resolved
+     first, recursively, and the file's own keys are deep-merged on top;
+  2. each file is validated against the dataclass schema *before* merging, so an error names the file that
+     holds the bad value;
+  3. `key=value` overrides (dotted keys, e.g. `train.lr=1e-4`, `mesh.data=-1`) are parsed by the type of
+     the field they set, then applied in order.
+
+Adding a section owned by another module is one line in `ExperimentConfig`:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the UNet
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the dotted key and where the value came from."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections owned by the trainer.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over axes (data, fsdp, tensor). Exactly one size may be -1 (= all remaining devices)."""
+
+    data: int = -1  # pure data parallelism: batch split, params replicated
+    fsdp: int = 1  # fully sharded data parallelism: batch split AND params/optimizer state sharded
+    tensor: int = 1  # tensor parallelism: attention heads and MLP width split
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW with linear warmup and (optional) cosine decay, clipping, EMA, accumulation."""
+
+    steps: int = 1000  # total optimizer steps (the cosine schedule decays over these)
+    lr: float = 1e-4  # peak learning rate, reached after `warmup_steps`
+    warmup_steps: int = 100  # linear warmup from 0 to `lr`
+    cosine: bool = True  # cosine decay from `lr` to `lr * final_lr_ratio` after warmup; False = constant
+    final_lr_ratio: float = 0.0  # end of the cosine schedule as a fraction of `lr`
+    weight_decay: float = 1e-2  # AdamW decoupled weight decay (not applied to biases / norm scales)
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.999  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    clip_norm: Optional[float] = 1.0  # global gradient-norm clip; None = no clipping
+    ema_decay: Optional[float] = None  # EMA of the trainable params (e.g. 0.9999); None = no EMA kept
+    grad_accum: int = 1  # micro-batches per step (lax.scan inside the jitted step); batch_size must divide
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the stored (master) params
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params are cast to this for forward/backward
+    mu_dtype: Optional[Literal["float32", "bfloat16"]] = None  # Adam first-moment dtype; None = param dtype
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"  # block remat
+    seed: int = 0  # seeds model init and the per-step RNG (dropout, noise, timesteps)
+    trainable: str = "all"  # which params train: 'all', or a regex searched in the param path ('to_[kv]_ref')
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under WORKDIR/checkpoints/<step>/."""
+
+    every: int = 1000  # save every N steps (and at the end, and on SIGTERM); 0 = only at the end
+    keep_last: int = 3  # keep the newest K checkpoints
+    keep_every: Optional[int] = None  # also keep forever every checkpoint whose step is a multiple of M
+    async_save: bool = True  # write in a background thread while training continues
+    resume: bool = True  # continue from the newest checkpoint in the workdir when there is one
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics to WORKDIR/metrics.jsonl and TensorBoard event files; a tqdm progress bar."""
+
+    every: int = 10  # read metrics from the device and write them every N steps (the only host sync)
+    tensorboard: bool = True  # write TensorBoard event files under WORKDIR/tensorboard
+    progress_bar: bool = True  # tqdm bar with ETA on process 0
+    sample_every: int = 0  # call the sample hook (image grids) every N steps; 0 = never
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from. The data pipeline's own options are added here by its module."""
+
+    source: Literal["synthetic", "synthfaces", "folder", "tfds"] = "synthetic"  # synthetic = random tensors
+    batch_size: int = 8  # global batch per optimizer step (all hosts, all micro-batches)
+    seed: int = 0  # seeds shuffling / synthetic batches (independent of train.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment. New sections: add one `name: Section = dataclasses.field(default_factory=Section)`."""
+
+    workdir: str = ""  # run directory (checkpoints/, metrics.jsonl, tensorboard/, config.yaml); '' = must be set
+    distributed: Literal["auto", "on", "off"] = "auto"  # jax.distributed.initialize(): auto = when env says so
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # optimisation
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax checkpoints
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)  # metrics and samples
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # batch source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Type checking / parsing of single values.
+# ----------------------------------------------------------------------------------------------------------------
+
+_NONE_STRINGS = ("none", "null", "~")
+_TRUE_STRINGS = ("true", "yes", "on", "1")
+_FALSE_STRINGS = ("false", "no", "off", "0")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str, *, from_string: bool) -> Any:
+    """Checks `value` against type `tp` and converts it (strings from the command line are parsed by `tp`)."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: key '{key}': expected {expected}, got {type(value).__name__} {value!r}")
+
+    origin = typing.get_origin(tp)
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (from_string and str(value).lower() in _NONE_STRINGS)):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in rest:
+            try:
+                return _coerce(value, arg, key, where, from_string=from_string)
+            except ConfigError as e:
+                errors.append(e)
+        raise fail(_type_name(tp)) from errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if value == choice or (from_string and str(value) == str(choice)):
+                return choice
+        raise ConfigError(f"{where}: key '{key}': expected one of {list(choices)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and str(value).lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+            return str(value).lower() in _TRUE_STRINGS
+        raise fail("bool (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and from_string:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise fail("int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept numeric strings for float fields everywhere.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail("str")
+    if origin in (tuple, list):
+        if from_string and isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            elif text.startswith("("):
+                value = yaml.safe_load("[" + text[1:-1] + "]") if text.endswith(")") else text
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(tp))
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise fail(f"{_type_name(tp)} with {len(args)} items")
+            items = [
+                _coerce(v, a, f"{key}[{i}]", where, from_string=from_string)
+                for i, (v, a) in enumerate(zip(value, args))
+            ]
+        else:
+            elem = args[0] if args else Any
+            items = [_coerce(v, elem, f"{key}[{i}]", where, from_string=from_string) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: key '{key}': unsupported field type {_type_name(tp)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nested dicts <-> dataclasses.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _validate_mapping(cls: type, data: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    """Validates a (partial) nested dict against dataclass `cls`; returns it with values converted."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: key '{prefix or '<root>'}': expected a mapping, got {type(data).__name__}")
+    hints = _resolved_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: unknown config key '{key}' (known keys here: {known})")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            out[name] = _validate_mapping(tp, value, where, key + ".")
+        else:
+            out[name] = _coerce(value, tp, key, where, from_string=False)
+    return out
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def from_dict(cls: type, data: dict, where: str = "<dict>") -> Any:
+    """Builds dataclass `cls` from a nested dict (missing keys keep their defaults)."""
+    data = _validate_mapping(cls, data, where)
+    return _build(cls, data)
+
+
+def _build(cls: type, data: dict) -> Any:
+    hints = _resolved_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        kwargs[name] = _build(tp, value) if dataclasses.is_dataclass(tp) else value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (tuples become lists) suitable for YAML / JSON."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and overrides.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _load_yaml_tree(cls: type, path: str, seen: tuple[str, ...]) -> dict:
+    """Reads `path` and its `base:` chain; each file is validated alone, then merged (child wins)."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: circular `base:` chain: {' -> '.join(seen + (path,))}")
+    data = _read_yaml(path)
+    bases = data.pop("base", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    elif not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"{path}: key 'base': expected a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(path), base)
+        merged = _deep_merge(merged, _load_yaml_tree(cls, base_path, seen + (path,)))
+    return _deep_merge(merged, _validate_mapping(cls, data, path))
+
+
+def parse_override(cls: type, override: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': parsed}}}, `value` parsed by the type of field a.b.c."""
+    where = f"command-line override '{override}'"
+    if "=" not in override:
+        raise ConfigError(f"{where}: expected key=value")
+    dotted, text = override.split("=", 1)
+    dotted = dotted.strip()
+    parts = dotted.split(".")
+    node_cls = cls
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node_cls):
+            raise ConfigError(f"{where}: unknown config key '{dotted}' ('{'.'.join(parts[:i])}' is not a section)")
+        names = {f.name for f in dataclasses.fields(node_cls)}
+        if part not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{where}: unknown config key '{dotted}' (known keys here: {known})")
+        node_cls = _resolved_hints(node_cls)[part]
+    if dataclasses.is_dataclass(node_cls):
+        raise ConfigError(f"{where}: key '{dotted}' is a section; set its fields, e.g. {dotted}.<field>=...")
+    value = _coerce(text, node_cls, dotted, where, from_string=True)
+    out: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        out = {part: out}
+    return out
+
+
+def load_config(
+    path: Optional[str] = None, overrides: Sequence[str] = (), cls: type = ExperimentConfig
+) -> Any:
+    """Resolves YAML `path` (with its `base:` chain; None = defaults) plus `key=value` overrides into `cls`."""
+    data = _load_yaml_tree(cls, path, ()) if path else {}
+    for override in overrides:
+        data = _deep_merge(data, parse_override(cls, override))
+    return _build(cls, data)
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Returns a copy of `cfg` with `key=value` overrides applied."""
+    data = to_dict(cfg)
+    for override in overrides:
+        data = _deep_merge(data, parse_override(type(cfg), override))
+    return from_dict(type(cfg), data, "<overrides>")
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Writes the resolved config as YAML (loadable again with `load_config(path)`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"# Resolved {type(cfg).__name__} (all bases and overrides applied).\n")
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=False)
+    os.replace(tmp, path)
+
+
+def split_argv(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """`['--config', 'x.yaml', 'a.b=1', ...]` -> ('x.yaml', ['a.b=1', ...]) for entry points."""
+    path, overrides, it = None, [], iter(argv)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ConfigError("--config needs a path")
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: expected --config FILE or key=value overrides")
+    return path, overrides

@@ -81,30 +81,29 @@ def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingCo
     return latents
 
 
-def _text_to_image(models, input_ids, uncond_ids, key, *, cfg: SamplingConfig, schedule, shape):
+def _text_to_image(models, input_ids, uncond_ids, noise, key, *, cfg: SamplingConfig, schedule):
     unet, vae, text_encoder = models
     sampler = _make_sampler(cfg, schedule)
     text_cond = text_encoder(input_ids).last_hidden_state
     text_uncond = text_encoder(uncond_ids).last_hidden_state
-    noise_key, step_key = jax.random.split(key)
-    latents = jax.random.normal(noise_key, shape, jnp.float32) * sampler.init_noise_sigma
-    latents = denoise(unet, sampler, latents, text_uncond, text_cond, step_key, cfg)
+    latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
+    latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg)
     return decode_latents(vae, latents, cfg.output)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdefs, cfg: SamplingConfig, schedule, shape, mesh: Mesh | None):
-    """One jitted function per (model structure, settings, shape, mesh): jax.jit then caches per input shape."""
+def _compiled(graphdefs, cfg: SamplingConfig, schedule, mesh: Mesh | None):
+    """One jitted function per (model structure, settings, mesh); jax.jit then caches per input shape."""
 
-    def run(states, input_ids, uncond_ids, key):
+    def run(states, input_ids, uncond_ids, noise, key):
         models = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, states))
-        return _text_to_image(models, input_ids, uncond_ids, key, cfg=cfg, schedule=schedule, shape=shape)
+        return _text_to_image(models, input_ids, uncond_ids, noise, key, cfg=cfg, schedule=schedule)
 
     if mesh is None:
         return jax.jit(run)
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    return jax.jit(run, in_shardings=(replicated, batch, batch, replicated), out_shardings=batch)
+    return jax.jit(run, in_shardings=(replicated, batch, batch, batch, replicated), out_shardings=batch)
 
 
 def generate(
@@ -114,12 +113,14 @@ def generate(
     key: jax.Array,
     cfg: SamplingConfig = SamplingConfig(),
     uncond_ids=None,
+    noise=None,
     mesh: Mesh | None = None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
 
-    The latent noise for the whole batch is drawn from `key`, so a batch gives the same images however it is
-    sharded. With `mesh`, B must be divisible by the mesh's `data` axis.
+    `noise` (B, h, w, C) is the initial latent noise (before the sampler's `init_noise_sigma`); by default it is
+    drawn from `key` for the whole batch at once, so a batch gives the same images however it is sharded.
+    With `mesh`, B must be divisible by the mesh's `data` axis.
     """
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -133,10 +134,16 @@ def generate(
         raise ValueError(f"uncond_ids shape {uncond_ids.shape} must equal input_ids shape {input_ids.shape}")
     if mesh is not None and batch % mesh.shape["data"]:
         raise ValueError(f"batch {batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    noise_key, step_key = jax.random.split(key)
+    shape = latent_shape(pipeline, cfg, batch)
+    if noise is None:
+        noise = jax.random.normal(noise_key, shape, jnp.float32)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape} (batch, h, w, channels); got {tuple(noise.shape)}")
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     graphdefs, states = zip(*(nnx.split(m) for m in models))
-    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, latent_shape(pipeline, cfg, batch), mesh)
-    return fn(tuple(states), input_ids, uncond_ids, key)
+    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, mesh)
+    return fn(tuple(states), input_ids, uncond_ids, jnp.asarray(noise), step_key)
 
 
 def tokenize(pipeline: Pipeline, prompts: list[str]) -> np.ndarray:

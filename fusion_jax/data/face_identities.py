@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from fusion_jax.data import images as image_io
 from fusion_jax.data.faces import EMBEDDING_DIM, FaceAnalyzer, FaceAnalyzerConfig, align_face
@@ -117,6 +118,13 @@ class FaceIdentities(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
+
+    # TFDS derives `code_path` through `importlib_resources`, which tensorflow-datasets 4.9.10 does not
+    # install; this module's own path is the answer it would compute.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(__file__)
 
     def __init__(self, *, build_config: FaceIdentitiesBuildConfig = FaceIdentitiesBuildConfig(), analyzer: Optional[FaceAnalyzer] = None, **kwargs):
         self.build_config = build_config
@@ -227,14 +235,15 @@ def build_face_identities(data_dir: str, config: FaceIdentitiesBuildConfig, anal
     return summary
 
 
-def _data_source(version_dir: str, split: str, skip_images: bool = False):
+def _data_source(version_dir: str, split: str, skip: tuple[str, ...] = ()):
+    """A TFDS ArrayRecord data source; the image features named in `skip` are left undecoded."""
     builder = tfds.builder_from_directory(version_dir)
-    decoders = {"image": tfds.decode.SkipDecoding(), "face_crop": tfds.decode.SkipDecoding()} if skip_images else None
+    decoders = {name: tfds.decode.SkipDecoding() for name in skip} or None
     return builder.as_data_source(split=split, decoders=decoders)
 
 
 def _read_identities(version_dir: str, split: str = "train") -> np.ndarray:
-    source = _data_source(version_dir, split, skip_images=True)
+    source = _data_source(version_dir, split, skip=("image", "face_crop"))
     return np.array([int(source[i]["identity"]) for i in range(len(source))], np.int64)
 
 
@@ -246,6 +255,7 @@ class FaceIdentitiesSource:
         if not os.path.isfile(os.path.join(self.version_dir, "dataset_info.json")):
             raise FileNotFoundError(f"{self.version_dir}: no built face_identities dataset (run train/build_dataset.py)")
         self._source = _data_source(self.version_dir, split)
+        self._crop_source = _data_source(self.version_dir, split, skip=("image",))
         cached = os.path.join(self.version_dir, IDENTITIES_FILE)
         self._identities = np.load(cached) if split == "train" and os.path.isfile(cached) else _read_identities(self.version_dir, split)
         if len(self._identities) != len(self._source):
@@ -257,6 +267,10 @@ class FaceIdentitiesSource:
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def reference_crop(self, index: int) -> np.ndarray:
+        """Only the aligned crop at `index` (the photo is not decoded): what the pipeline's references need."""
+        return np.asarray(self._crop_source[int(index)]["face_crop"], np.uint8)
 
     def __getitem__(self, index: int) -> dict:
         example = self._source[int(index)]

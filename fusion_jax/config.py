@@ -67,6 +67,7 @@ class TrainConfig:
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"  # block remat
     seed: int = 0  # seeds model init and the per-step RNG (dropout, noise, timesteps)
     trainable: str = "all"  # which params train: 'all', or a regex searched in the param path ('to_[kv]_ref')
+    max_skipped_steps: Optional[int] = 100  # abort with an error once more steps were skipped (NaN); None = never
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,7 +230,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str, *, from_string: bool) -> 
 def _validate_mapping(cls: type, data: Any, where: str, prefix: str = "") -> dict[str, Any]:
     """Validates a (partial) nested dict against dataclass `cls`; returns it with values converted."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: key '{prefix or '<root>'}': expected a mapping, got {type(data).__name__}")
+        key = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"{where}: key '{key}': expected a mapping (a section), got {type(data).__name__}")
     hints = _resolved_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     out = {}

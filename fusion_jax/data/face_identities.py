@@ -284,4 +284,5 @@ class FaceIdentitiesSource:
             "identity": np.int64(example["identity"]),
             "photo_id": np.int64(example["photo_id"]),
             "caption": caption_text(example["caption"]),
+            "file": caption_text(example["file"]),  # extra field: "<identity>/<photo>" it came from
         }

@@ -37,7 +37,13 @@ class DDIMSampler(Sampler):
     def _host_timesteps(self) -> np.ndarray:
         s = self.schedule
         timesteps = spaced_timesteps(self.spacing, s.num_train_timesteps, self.num_inference_steps, s.steps_offset)
-        return np.round(timesteps)  # DDIM's timesteps are integers ('linspace' is rounded)
+        timesteps = np.round(timesteps)  # DDIM's timesteps are integers ('linspace' is rounded)
+        if timesteps.max() > s.num_train_timesteps - 1:
+            raise ValueError(
+                f"steps_offset={s.steps_offset} with {self.num_inference_steps} 'leading' steps gives timestep "
+                f"{int(timesteps.max())}, beyond the last training timestep {s.num_train_timesteps - 1}"
+            )
+        return timesteps
 
     @functools.cached_property
     def _coefficients(self) -> dict[str, np.ndarray]:

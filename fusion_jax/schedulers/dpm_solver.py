@@ -56,6 +56,11 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     def _host_timesteps(self) -> np.ndarray:
         return self._sigmas_and_timesteps[1]
 
+    @property
+    def sigmas(self) -> jax.Array:
+        """Noise levels sigma = sqrt((1-a)/a), shape (num_steps + 1,), float32; the last follows the final step."""
+        return self._table(self._sigmas_and_timesteps[0])
+
     @functools.cached_property
     def _coefficients(self) -> dict[str, np.ndarray]:
         s = self.schedule

@@ -293,6 +293,19 @@ def test_sd15_config_reads_as_the_default_schedule():
     assert NoiseSchedule.from_diffusers_config(SD15_CONFIG) == NoiseSchedule()
 
 
+def test_config_round_trip_through_diffusers():
+    schedule = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="trailing", use_karras_sigmas=True,
+                             rescale_betas_zero_snr=True, final_sigmas_type="sigma_min")
+    config = schedule.to_diffusers_config()
+    assert NoiseSchedule.from_diffusers_config(config) == schedule
+    for name, cls in DIFFUSERS_CLASSES.items():  # diffusers reads the same settings from it
+        reference = cls.from_config(config)
+        for key in ("prediction_type", "timestep_spacing", "rescale_betas_zero_snr", "steps_offset"):
+            assert reference.config[key] == config[key], (name, key)
+        np.testing.assert_allclose(reference.alphas_cumprod.double().numpy(), schedule.sigma_alphas_cumprod
+                                   if name != "ddim" else schedule.alphas_cumprod, rtol=5e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "bad, field",
     [

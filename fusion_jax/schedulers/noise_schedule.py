@@ -113,6 +113,15 @@ class NoiseSchedule:
         """
         return _from_diffusers_config(cls, config)
 
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """A diffusers scheduler config dict that `from_config` of DDIM / DPM-Solver / Euler schedulers reads
+        back to this schedule (each class ignores the keys it does not have, as we do)."""
+        config = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        if config["timestep_spacing"] is None:
+            del config["timestep_spacing"]  # let each class use its own default, as this schedule does
+        config.update(trained_betas=None, thresholding=False, solver_order=2, algorithm_type="dpmsolver++")
+        return config
+
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -214,4 +223,6 @@ def _from_diffusers_config(cls: type[NoiseSchedule], config: Mapping[str, Any]) 
     values = {key: config.get(key, default) for key, default in _DIFFUSERS_DEFAULTS.items()}
     if values["lambda_min_clipped"] is None:
         values["lambda_min_clipped"] = -math.inf
+    if values["use_karras_sigmas"] is None:  # Euler's signature allows None, meaning False
+        values["use_karras_sigmas"] = False
     return cls(**values)

@@ -75,7 +75,7 @@ def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingCo
         out = unet(jnp.concatenate([x_in, x_in], axis=0), sampler.timesteps[i], context)
         eps_uncond, eps_text = jnp.split(out.astype(jnp.float32), 2, axis=0)
         eps = guided_prediction(eps_uncond, eps_text, cfg.guidance_scale, cfg.guidance_rescale)
-        return sampler.step(state, eps, x, i, jax.random.fold_in(key, i))
+        return sampler.step(state, eps, x, i, key)  # the sampler folds i into the key itself
 
     latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents

@@ -83,7 +83,7 @@ def test_jitted_sampler_equals_python_loop(pipeline):
         eps_u = pipeline.unet(x_in, sampler.timesteps[i], text_uncond)
         eps_t = pipeline.unet(x_in, sampler.timesteps[i], text_cond)
         eps = sampling.guided_prediction(eps_u, eps_t, cfg.guidance_scale, cfg.guidance_rescale)
-        x, state = sampler.step(state, eps, x, i, jax.random.fold_in(step_key, i))
+        x, state = sampler.step(state, eps, x, i, step_key)
     looped = sampling.decode_latents(pipeline.vae, x, "float")
     # Same float32 math; jit may fuse and reorder reductions (and the loop runs uncond/text as separate calls).
     assert _rel_l2(jitted, looped) < 1e-5

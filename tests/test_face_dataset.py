@@ -215,6 +215,24 @@ def test_built_records_hold_faces_identities_and_captions(built_dataset):
     np.testing.assert_array_equal(source.reference_crop(0), source[0]["face_crop"])
 
 
+def test_pipeline_reads_the_built_dataset(built_dataset):
+    """The built dataset is a face source for the training stream: references come from other photos."""
+    from fusion_jax.data.pipeline import PipelineConfig, make_pipeline
+
+    source = FaceIdentitiesSource(built_dataset[0])
+    config = PipelineConfig(resolution=48, num_references=2, reference_size=32, batch_size=7, num_parallel_calls=2,
+                            process_index=0, process_count=1)
+    iterator = make_pipeline(source, config)
+    batch = next(iterator)
+    iterator.close()
+    assert batch["references"].shape == (7, 2, 32, 32, 3)
+    assert sorted(batch["source_index"].tolist()) == list(range(7))  # one epoch of 7 targets
+    for target, refs in zip(batch["source_index"], batch["reference_source_index"]):
+        assert target not in refs and np.all(source.identities[refs] == source.identities[target])
+        files = {source[int(i)]["file"].split("/")[0] for i in [target, *refs]}
+        assert len(files) == 1  # same identity folder
+
+
 def test_opening_an_unbuilt_dataset_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_dataset.py"):
         FaceIdentitiesSource(str(tmp_path))

@@ -222,24 +222,9 @@ def reference_crop(source: FaceSource, index: int) -> np.ndarray:
 # The stream
 
 
-# Per-example fields produced by the loader, in order, with their NumPy dtypes.
-_EXAMPLE_FIELDS = (
-    ("target", np.uint8),
-    ("references", np.uint8),
-    ("face_mask", np.float32),
-    ("caption", object),
-    ("drop_text", np.bool_),
-    ("drop_reference", np.bool_),
-    ("identity", np.int64),
-    ("num_real_references", np.int32),
-    ("source_index", np.int64),
-    ("reference_source_index", np.int64),
-)
-
-
 # Live iterators, closed at interpreter exit: a tf.data iterator whose loader threads are still calling
 # into Python while the interpreter shuts down aborts the process ("terminate called ...").
-_LIVE_ITERATORS: "weakref.WeakSet[FaceBatchIterator]" = weakref.WeakSet()
+_LIVE_ITERATORS: "weakref.WeakSet[PositionStream]" = weakref.WeakSet()
 
 
 @atexit.register
@@ -248,7 +233,125 @@ def _close_live_iterators() -> None:
         iterator.close()
 
 
-class FaceBatchIterator:
+def resolve_process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+    """The (index, count) of this host: the given override, else JAX's."""
+    if process_index is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return int(process_index), int(process_count)
+
+
+class PositionStream:
+    """A tf.data stream of batches over host stream positions, whose state is the next position.
+
+    Subclasses give `fields()` (name, tf dtype name, shape) per example, `load_example(position)`
+    (a tuple in that order, NumPy, run in tf.data threads) and optionally `finish_batch`.
+    uint8 fields named in `unit_range_fields` become float32 in [-1, 1] after batching.
+    """
+
+    unit_range_fields: tuple[str, ...] = ()
+
+    def __init__(self, plan: SamplingPlan, batch_size: int, num_parallel_calls: int, prefetch: int,
+                 state: Optional[dict] = None):
+        self.plan, self.batch_size = plan, batch_size
+        self.num_parallel_calls, self.prefetch = num_parallel_calls, prefetch
+        self._next_example = 0
+        self._iterator = None
+        self.set_state(state or {"next_example": 0})
+        _LIVE_ITERATORS.add(self)
+
+    # -- subclass interface
+    def fields(self) -> list[tuple[str, str, tuple]]:
+        raise NotImplementedError
+
+    def load_example(self, position: int) -> tuple:
+        raise NotImplementedError
+
+    def finish_batch(self, batch: dict) -> dict:
+        return batch
+
+    # -- state
+    @property
+    def examples_per_epoch(self) -> int:
+        """Targets this host sees per epoch."""
+        return self.plan.per_host
+
+    def get_state(self) -> dict:
+        """The stream position as a dict of ints (store it with the training checkpoint)."""
+        return {"next_example": int(self._next_example), "seed": self.plan.seed,
+                "process_index": self.plan.process_index, "process_count": self.plan.process_count}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a `get_state()` result: the next batch starts at its `next_example`."""
+        if "next_example" not in state:
+            raise ValueError(f"iterator state {state!r} has no 'next_example'")
+        for key, current in (("seed", self.plan.seed), ("process_count", self.plan.process_count)):
+            if key in state and int(state[key]) != int(current):
+                raise ValueError(f"iterator state was saved with {key}={state[key]}, this pipeline has {key}={current}")
+        self._next_example = int(state["next_example"])
+        self._iterator = None  # rebuilt lazily from the new position
+
+    def close(self) -> None:
+        """Stop the background loaders (also done at exit); iterating again restarts them."""
+        self._iterator = None
+
+    # -- tf.data
+    def _build_dataset(self, start: int):
+        import tensorflow as tf
+
+        specs = self.fields()
+        tf_types = [tf.as_dtype(dtype) for _, dtype, _ in specs]
+
+        def load(position):
+            values = tf.numpy_function(lambda k: self.load_example(int(k)), [position], tf_types, stateful=False)
+            out = {}
+            for (name, _, shape), value in zip(specs, values):
+                value.set_shape(shape)
+                out[name] = value
+            return out
+
+        def to_unit_range(batch):
+            batch = dict(batch)
+            for name in self.unit_range_fields:
+                batch[name] = tf.cast(batch[name], tf.float32) / 127.5 - 1.0
+            return batch
+
+        parallel = tf.data.AUTOTUNE if self.num_parallel_calls == -1 else self.num_parallel_calls
+        dataset = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+        dataset = dataset.map(load, num_parallel_calls=parallel, deterministic=True)
+        dataset = dataset.batch(self.batch_size, drop_remainder=True)
+        if self.unit_range_fields:
+            dataset = dataset.map(to_unit_range, num_parallel_calls=2, deterministic=True)
+        if self.prefetch != 0:
+            dataset = dataset.prefetch(tf.data.AUTOTUNE if self.prefetch == -1 else self.prefetch)
+        options = tf.data.Options()
+        options.deterministic = True
+        if self.num_parallel_calls > 0:
+            options.threading.private_threadpool_size = max(2, self.num_parallel_calls)
+        return dataset.with_options(options)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self._build_dataset(self._next_example).as_numpy_iterator())
+        batch = self.finish_batch(next(self._iterator))
+        self._next_example += self.batch_size
+        return batch
+
+
+def tokenize_captions(tokenize: Callable[[list[str]], np.ndarray], captions: np.ndarray, drop_text: np.ndarray) -> np.ndarray:
+    """int32 (B, L) token ids of the captions, with the empty prompt where the text is dropped."""
+    texts = ["" if dropped else str(text) for text, dropped in zip(captions, drop_text)]
+    input_ids = np.asarray(tokenize(texts))
+    if input_ids.ndim != 2 or input_ids.shape[0] != len(texts):
+        raise ValueError(f"PipelineConfig.tokenize returned shape {input_ids.shape}, expected ({len(texts)}, L)")
+    return input_ids.astype(np.int32)
+
+
+class FaceBatchIterator(PositionStream):
     """Iterator of host batches (dicts of NumPy arrays) with a checkpointable position.
 
     Batch fields: `target` float32 (B, R, R, 3) in [-1, 1]; `references` float32 (B, N, S, S, 3) in
@@ -258,43 +361,21 @@ class FaceBatchIterator:
     the target and the references, for inspection).
     """
 
+    unit_range_fields = ("target", "references")
+
     def __init__(self, source: FaceSource, config: PipelineConfig, state: Optional[dict] = None):
-        if config.process_index is None:
-            import jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
-        else:
-            process_index, process_count = config.process_index, config.process_count
         self.source, self.config = source, config
-        self.plan = SamplingPlan(source.identities, config.seed, process_index, process_count)
-        self._next_example = 0
-        self._iterator = None
-        self.set_state(state or {"next_example": 0})
-        _LIVE_ITERATORS.add(self)
+        plan = SamplingPlan(source.identities, config.seed, *resolve_process(config.process_index, config.process_count))
+        super().__init__(plan, config.batch_size, config.num_parallel_calls, config.prefetch, state)
 
-    def close(self) -> None:
-        """Stop the background loaders (also done at exit); iterating again restarts them."""
-        self._iterator = None
-
-    @property
-    def examples_per_epoch(self) -> int:
-        """Targets this host sees per epoch."""
-        return self.plan.per_host
-
-    def get_state(self) -> dict:
-        """The stream position as a dict of ints (store it with the training checkpoint)."""
-        return {"next_example": int(self._next_example), "seed": int(self.config.seed),
-                "process_index": self.plan.process_index, "process_count": self.plan.process_count}
-
-    def set_state(self, state: dict) -> None:
-        """Continue from a `get_state()` result: the next batch starts at its `next_example`."""
-        if "next_example" not in state:
-            raise ValueError(f"iterator state {state!r} has no 'next_example'")
-        for key, current in (("seed", self.config.seed), ("process_count", self.plan.process_count)):
-            if key in state and int(state[key]) != int(current):
-                raise ValueError(f"iterator state was saved with {key}={state[key]}, this pipeline has {key}={current}")
-        self._next_example = int(state["next_example"])
-        self._iterator = None  # rebuilt lazily from the new position
+    def fields(self):
+        R, S, N = self.config.resolution, self.config.reference_size, self.config.num_references
+        return [
+            ("target", "uint8", (R, R, 3)), ("references", "uint8", (N, S, S, 3)), ("face_mask", "float32", (R, R, 1)),
+            ("caption", "string", ()), ("drop_text", "bool", ()), ("drop_reference", "bool", ()),
+            ("identity", "int64", ()), ("num_real_references", "int32", ()), ("source_index", "int64", ()),
+            ("reference_source_index", "int64", (N,)),
+        ]
 
     def load_example(self, position: int) -> tuple:
         """All per-example fields at host stream `position` (NumPy; runs inside tf.data threads)."""
@@ -312,56 +393,10 @@ class FaceBatchIterator:
             np.int64(target_index), reference_indices,
         )
 
-    def _build_dataset(self, start: int):
-        import tensorflow as tf
-
-        config = self.config
-        R, S, N = config.resolution, config.reference_size, config.num_references
-        shapes = [(R, R, 3), (N, S, S, 3), (R, R, 1), (), (), (), (), (), (), (N,)]
-        tf_types = [tf.uint8, tf.uint8, tf.float32, tf.string, tf.bool, tf.bool, tf.int64, tf.int32, tf.int64, tf.int64]
-
-        def load(position):
-            values = tf.numpy_function(lambda k: self.load_example(int(k)), [position], tf_types, stateful=False)
-            out = {}
-            for (name, _), value, shape in zip(_EXAMPLE_FIELDS, values, shapes):
-                value.set_shape(shape)
-                out[name] = value
-            return out
-
-        def to_float(batch):
-            batch = dict(batch)
-            for name in ("target", "references"):
-                batch[name] = tf.cast(batch[name], tf.float32) / 127.5 - 1.0
-            return batch
-
-        parallel = tf.data.AUTOTUNE if config.num_parallel_calls == -1 else config.num_parallel_calls
-        dataset = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-        dataset = dataset.map(load, num_parallel_calls=parallel, deterministic=True)
-        dataset = dataset.batch(config.batch_size, drop_remainder=True)
-        dataset = dataset.map(to_float, num_parallel_calls=2, deterministic=True)
-        if config.prefetch != 0:
-            dataset = dataset.prefetch(tf.data.AUTOTUNE if config.prefetch == -1 else config.prefetch)
-        options = tf.data.Options()
-        options.deterministic = True
-        if config.num_parallel_calls > 0:
-            options.threading.private_threadpool_size = max(2, config.num_parallel_calls)
-        return dataset.with_options(options)
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        if self._iterator is None:
-            self._iterator = iter(self._build_dataset(self._next_example).as_numpy_iterator())
-        batch = next(self._iterator)
+    def finish_batch(self, batch: dict) -> dict:
         batch["caption"] = np.array([c.decode("utf-8") for c in batch["caption"]], dtype=str)
         if self.config.tokenize is not None:
-            texts = ["" if dropped else text for text, dropped in zip(batch["caption"], batch["drop_text"])]
-            input_ids = np.asarray(self.config.tokenize(texts))
-            if input_ids.ndim != 2 or input_ids.shape[0] != len(texts):
-                raise ValueError(f"PipelineConfig.tokenize returned shape {input_ids.shape}, expected ({len(texts)}, L)")
-            batch["input_ids"] = input_ids.astype(np.int32)
-        self._next_example += self.config.batch_size
+            batch["input_ids"] = tokenize_captions(self.config.tokenize, batch["caption"], batch["drop_text"])
         return batch
 
 

@@ -63,3 +63,37 @@ def tiny_batches(config: ExperimentConfig) -> SyntheticBatches:
 
 def replace_section(config: ExperimentConfig, section: str, **changes) -> ExperimentConfig:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+class SlowBatches(SyntheticBatches):
+    """Synthetic batches that take `delay` seconds each (a slow pipeline), so a test can kill a run mid-way."""
+
+    def __init__(self, batch_size: int, seed: int = 0, delay: float = 0.0):
+        super().__init__(BATCH_SPEC, batch_size, seed)
+        self.delay = delay
+
+    def __next__(self):
+        import time
+
+        time.sleep(self.delay)
+        return super().__next__()
+
+
+def run_tiny_training(argv: list[str]) -> int:
+    """`python -m tests.train_helpers DELAY_S key=value ...`: the tiny model on configs/tiny.yaml, slowed down."""
+    from fusion_jax.training.loop import train
+    from fusion_jax.training.tiny import make_tiny_model, tiny_loss
+
+    delay = float(argv[0])
+    config = tiny_config(*argv[1:])
+    result = train(
+        config, make_tiny_model, tiny_loss, lambda c: SlowBatches(c.data.batch_size, c.data.seed, delay)
+    )
+    print(f"done at step {result.step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run_tiny_training(sys.argv[1:]))

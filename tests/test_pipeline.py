@@ -292,3 +292,27 @@ def test_preencoded_stream_samples_like_the_raw_one_and_resumes(source, preencod
     for expected, got in zip(full[2:], resumed):
         for name in expected:
             np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
+
+
+def test_preencode_command_line_on_synthfaces(tmp_path):
+    """`train/preencode.py` end to end: tiny SD pipeline folder (written by fusion_jax.tiny), synthfaces source."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fusion_jax import tiny
+    from fusion_jax.data.preencoded import PreencodedSource
+
+    model = tiny.write_tiny_pipeline(tmp_path / "pipeline", seed=0)
+    out = tmp_path / "encoded"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(repo, "train", "preencode.py"), "--model", str(model), "--out", str(out),
+               "--synthfaces", "2", "--synthfaces-photos", "2", "--resolution", "32", "--reference-size", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metadata["photos"] == 4 and metadata["shapes"]["latent_mean"] == [16, 16, 4]
+    stored = PreencodedSource(str(out))
+    np.testing.assert_array_equal(stored.identities, [0, 0, 1, 1])
+    assert np.isfinite(stored.arrays["latent_mean"]).all() and np.abs(stored.arrays["text_embedding"]).sum() > 0

@@ -25,7 +25,8 @@ from tests.train_helpers import REPO, assert_trees_equal, host, tiny_batches, ti
 
 # One run definition shared by the reference and the interrupted runs: 12 steps on mesh (2,2,2), a
 # checkpoint every 4 steps, EMA on, metrics every step.
-RUN = ("train.steps=12", "checkpoint.every=4", "logging.every=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+RUN = ("train.steps=12", "checkpoint.every=4", "logging.every=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+       "logging.tensorboard=true")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,20 @@ def reference(tmp_path_factory):
 def _resume(workdir):
     result = train(tiny_config(*RUN), make_tiny_model, tiny_loss, tiny_batches, workdir)
     return result, host(result.state)
+
+
+def test_run_writes_config_metrics_and_tensorboard(reference):
+    _, workdir = reference
+    from fusion_jax.config import load_config
+
+    assert load_config(os.path.join(workdir, "config.yaml")) == tiny_config(*RUN, f"workdir={workdir}")
+    records = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("loss", "lr", "grad_norm", "skipped_steps", "aux/pred_rms"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    for key in ("examples_per_s", "step_time_s"):
+        assert all(r[key] > 0 for r in records[1:]), key
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
 
 
 def test_sigterm_saves_and_resume_is_bit_exact(reference, tmp_path):

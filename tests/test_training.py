@@ -21,8 +21,8 @@ from tests.train_helpers import FaultyBatches, host, leaves_with_paths, tiny_con
 CFG = TrainConfig(steps=5, lr=1e-2, warmup_steps=0, cosine=False, weight_decay=1e-2, ema_decay=0.5)
 
 
-def _run(cfg: TrainConfig, mesh, steps=5, batches=None, loss=tiny_loss):
-    trainer = Trainer(make_tiny_model, loss, cfg, mesh)
+def _run(cfg: TrainConfig, mesh, steps=5, batches=None, loss=tiny_loss, trainer=None):
+    trainer = trainer or Trainer(make_tiny_model, loss, cfg, mesh)
     state = trainer.init()
     batches = batches or SyntheticBatches(BATCH_SPEC, 16, seed=0)
     metrics = []
@@ -84,7 +84,7 @@ def test_only_selected_params_train():
     mesh = make_mesh(MeshConfig(2, 2, 2))
     trainer = Trainer(make_tiny_model, tiny_loss, cfg, mesh)
     start = host(trainer.init())
-    _, end = _run(cfg, mesh, steps=2)
+    _, end = _run(cfg, mesh, steps=2, trainer=trainer)
     trained = leaves_with_paths(end.params)
     assert sorted(p.rsplit(".", 2)[-2] for p in trained) == ["to_k", "to_q"]
     # Adam moments exist only for the selected params (two per param: mu and nu).
@@ -151,3 +151,17 @@ def test_bf16_compute_keeps_float32_master_weights():
     # bf16 has an 8-bit mantissa (relative rounding 2^-9 ~ 2e-3 per op); a few chained matmuls stay within 3%.
     np.testing.assert_allclose([m["loss"] for m in m16], [m["loss"] for m in m32], rtol=3e-2)
     assert any(float(a["loss"]) != float(b["loss"]) for a, b in zip(m16, m32))  # bf16 was really used
+
+
+def test_bad_mesh_or_batch_fails_in_train_before_anything_is_traced(tmp_path):
+    def model_factory_must_not_run(rngs):
+        raise AssertionError("the model was traced: the config error came too late")
+
+    for override, message in [
+        ("mesh.data=3", "has 3 devices but 8 are available"),
+        ("data.batch_size=12", "data.batch_size=12 must be a multiple of"),
+        ("workdir=", "workdir: must be set"),
+    ]:
+        config = tiny_config(override)
+        with pytest.raises(ConfigError, match=message):
+            train(config, model_factory_must_not_run, tiny_loss, lambda c: None, None if override == "workdir=" else str(tmp_path))

@@ -72,6 +72,7 @@ class _StopFlag:
 def _check_before_compiling(config: ExperimentConfig, workdir: str):
     if not workdir:
         raise ConfigError("workdir: must be set (workdir=PATH on the command line or in the YAML)")
+    maybe_initialize_distributed(config.distributed)  # before the first device query
     mesh = make_mesh(config.mesh)  # mesh errors (sizes vs device count) are raised here
     check_batch_size(config.data.batch_size, mesh, config.train.grad_accum)
     if config.checkpoint.every < 0 or config.logging.every < 1:
@@ -100,9 +101,10 @@ def train(
       sample_fn: optional hook called every `logging.sample_every` steps.
       trainable: nnx filter overriding `config.train.trainable`.
     """
-    workdir = os.path.abspath(workdir or config.workdir)
-    maybe_initialize_distributed(config.distributed)
+    workdir = workdir or config.workdir
     mesh = _check_before_compiling(config, workdir)
+    workdir = os.path.abspath(workdir)
+    config = dataclasses.replace(config, workdir=workdir)  # the saved config names the real run directory
     tcfg, lcfg, ccfg = config.train, config.logging, config.checkpoint
     if jax.process_index() == 0:
         save_config(config, os.path.join(workdir, "config.yaml"))

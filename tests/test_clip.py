@@ -79,8 +79,11 @@ def token_batch(config: transformers.CLIPTextConfig, length: int, seed: int) -> 
 def test_text_model_matches_transformers(case):
     config = tiny_text_config(**TEXT_CASES[case])
     ref = randomise(transformers.CLIPTextModel(config), seed=1)
+    # transformers 5 names a bare CLIPTextModel's keys without the `text_model.` level SD checkpoints have
+    tensors = torch_tensors(ref)
+    assert not any(k.startswith("text_model.") for k in tensors)
     ours = load_ours(clip.CLIPTextModel, clip.CLIPTextConfig.from_dict(config.to_dict()),
-                     torch_tensors(ref, prefix="text_model."))  # SD checkpoints' key prefix
+                     clip.add_tower_prefix(tensors, "text_model"))
     ids, mask = token_batch(config, length=config.max_position_embeddings, seed=2)
     with torch.no_grad():
         expected = ref(torch.from_numpy(ids), output_hidden_states=True)
@@ -141,7 +144,7 @@ def test_vision_model_matches_transformers(projection):
     ref_cls = transformers.CLIPVisionModelWithProjection if projection else transformers.CLIPVisionModel
     our_cls = clip.CLIPVisionModelWithProjection if projection else clip.CLIPVisionModel
     ref = randomise(ref_cls(config), seed=7)
-    tensors = torch_tensors(ref, prefix="" if projection else "vision_model.")
+    tensors = clip.add_tower_prefix(torch_tensors(ref), "vision_model")  # a no-op for WithProjection's keys
     ours = load_ours(our_cls, clip.CLIPVisionConfig.from_dict(config.to_dict()), tensors)
     images = np.random.default_rng(8).normal(size=(2, 12, 12, 3)).astype(np.float32)  # NHWC
     with torch.no_grad():
@@ -149,12 +152,23 @@ def test_vision_model_matches_transformers(projection):
     got = nnx.jit(lambda m, x: m(x, output_hidden_states=True))(ours, images)
     assert got.last_hidden_state.shape == (2, 1 + 9, 32)
     assert rel_l2(got.last_hidden_state, expected.last_hidden_state) < REL_TOL
-    assert len(got.hidden_states) == len(expected.hidden_states)
-    assert rel_l2(got.hidden_states[-2], expected.hidden_states[-2]) < REL_TOL
+    assert len(got.hidden_states) == len(expected.hidden_states) == config.num_hidden_layers + 1
+    for mine, theirs in zip(got.hidden_states, expected.hidden_states):
+        assert rel_l2(mine, theirs) < REL_TOL
     if projection:
         assert rel_l2(got.image_embeds, expected.image_embeds) < REL_TOL
     else:
         assert rel_l2(got.pooler_output, expected.pooler_output) < REL_TOL
+
+
+def test_add_tower_prefix_keeps_sd_keys_and_heads():
+    sd_style = {"text_model.embeddings.token_embedding.weight": 1, "text_projection.weight": 2}
+    assert clip.add_tower_prefix(sd_style, "text_model") == sd_style
+    bare = {"embeddings.token_embedding.weight": 1, "final_layer_norm.bias": 3}
+    assert clip.add_tower_prefix(bare, "text_model") == {
+        "text_model.embeddings.token_embedding.weight": 1, "text_model.final_layer_norm.bias": 3}
+    with pytest.raises(ValueError, match="tower"):
+        clip.add_tower_prefix(bare, "text")
 
 
 def test_configs_round_trip_through_transformers():

@@ -7,7 +7,8 @@ one to one: `text_model.embeddings.token_embedding`, `text_model.encoder.layers[
 
 Note on key prefixes: Stable Diffusion checkpoints (and transformers < 5) store `CLIPTextModel` weights under
 `text_model.`; transformers 5 saves a bare `CLIPTextModel` without that prefix (and loads both). Our
-`CLIPTextModel` keeps the `text_model.` level, which is what SD checkpoints use.
+`CLIPTextModel` keeps the `text_model.` level, which is what SD checkpoints use; `add_tower_prefix` maps
+transformers-5 keys onto it.
 
 Images are NHWC at the API. Softmax and LayerNorm run in float32 whatever the compute dtype.
 """
@@ -170,6 +171,20 @@ class CLIPVisionConfig:
     def to_dict(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `CLIPVisionModel(WithProjection).from_pretrained` reads."""
         return {"model_type": "clip_vision_model", **dataclasses.asdict(self)}
+
+
+def add_tower_prefix(tensors: Mapping[str, Any], tower: str) -> dict[str, Any]:
+    """Checkpoint keys in our (= Stable Diffusion's) naming: transformers 5 saves a bare `CLIPTextModel` /
+    `CLIPVisionModel` without the `text_model.` / `vision_model.` level; add it back when it is missing.
+
+    `tower` is "text_model" or "vision_model". Keys already prefixed, and projection heads, are left alone.
+    """
+    if tower not in ("text_model", "vision_model"):
+        raise ValueError(f"tower must be 'text_model' or 'vision_model', got {tower!r}")
+    if any(key.startswith(tower + ".") for key in tensors):
+        return dict(tensors)
+    heads = ("text_projection.", "visual_projection.", "logit_scale")
+    return {key if key.startswith(heads) else f"{tower}.{key}": value for key, value in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

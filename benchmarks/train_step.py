@@ -1,0 +1,146 @@
+"""Train-step benchmark: XLA FLOPs per step, compile time, step time, examples/s, MFU (on GPU).
+
+    python benchmarks/train_step.py [--rows tiny,tiny_bf16] [--steps 20] [--mesh -1,1,1] [--json FILE]
+
+Each row is a (model, loss, batch spec, train config) in `ROWS`; the UNet / Face Fusion rows are added by
+their modules with `register_row`. FLOPs come from XLA's cost analysis of the compiled step (exact, per step,
+all devices together). On a GPU the MFU is against the measured bf16 matmul peak of the device
+(a large square matmul), not a datasheet number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax.config import MeshConfig, TrainConfig
+from fusion_jax.parallel import make_mesh, shard_batch
+from fusion_jax.training import SyntheticBatches, Trainer
+from fusion_jax.training.tiny import BATCH_SPEC, make_tiny_model, tiny_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One benchmark configuration."""
+
+    name: str  # row label
+    model_factory: Callable[..., Any]  # rngs -> nnx.Module
+    loss_fn: Callable[..., Any]  # (model, batch, rng) -> (loss, aux)
+    batch_spec: dict  # name -> per-example shape (float32 synthetic data)
+    batch_size: int  # global batch size
+    train: TrainConfig  # optimizer / precision settings
+
+
+ROWS: dict[str, Row] = {}
+
+
+def register_row(row: Row) -> None:
+    ROWS[row.name] = row
+
+
+_TINY_TRAIN = TrainConfig(steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.999)
+register_row(Row("tiny", make_tiny_model, tiny_loss, BATCH_SPEC, 64, _TINY_TRAIN))
+register_row(Row("tiny_bf16", make_tiny_model, tiny_loss, BATCH_SPEC, 64, dataclasses.replace(_TINY_TRAIN, compute_dtype="bfloat16")))
+register_row(Row("tiny_accum4", make_tiny_model, tiny_loss, BATCH_SPEC, 64, dataclasses.replace(_TINY_TRAIN, grad_accum=4)))
+
+
+def matmul_peak_flops(n: int = 8192, dtype=jnp.bfloat16, reps: int = 10) -> float:
+    """Measured FLOP/s of an n x n x n matmul on the default device (the MFU denominator)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def bench_row(row: Row, mesh_cfg: MeshConfig, steps: int, peak: float | None) -> dict:
+    mesh = make_mesh(mesh_cfg)
+    trainer = Trainer(row.model_factory, row.loss_fn, row.train, mesh)
+    batch_shapes = {k: jax.ShapeDtypeStruct((row.batch_size,) + tuple(s), jnp.float32) for k, s in row.batch_spec.items()}
+    t0 = time.perf_counter()
+    compiled = trainer.lower(batch_shapes).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+    if row.train.grad_accum > 1:
+        # XLA's cost analysis counts a while-loop (scan) body once, not per trip: take the FLOPs of the
+        # equivalent grad_accum=1 step on the same global batch (identical math, same update).
+        single = Trainer(row.model_factory, row.loss_fn, dataclasses.replace(row.train, grad_accum=1), mesh)
+        flops = _flops(single.lower(batch_shapes).compile())
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+    n_params += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.frozen))
+
+    state = trainer.init()
+    batches = SyntheticBatches(row.batch_spec, row.batch_size, seed=0)
+    device_batches = [shard_batch(next(batches), mesh) for _ in range(4)]
+    for i in range(3):  # warm-up
+        state, metrics = compiled(state, device_batches[i % 4])
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, device_batches[i % 4])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    result = {
+        "row": row.name,
+        "mesh": "x".join(str(v) for v in mesh.devices.shape),
+        "params": n_params,
+        "batch": row.batch_size,
+        "gflops_per_step": flops / 1e9,
+        "compile_s": compile_s,
+        "step_ms": step_s * 1e3,
+        "examples_per_s": row.batch_size / step_s,
+        "mfu": (flops / step_s) / (peak * mesh.devices.size) if peak else None,
+    }
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from {list(ROWS)}")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (median reported)")
+    parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (one may be -1)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    mesh_cfg = MeshConfig(*(int(v) for v in args.mesh.split(",")))
+    backend = jax.default_backend()
+    peak = matmul_peak_flops() if backend == "gpu" else None
+    results = [bench_row(ROWS[name], mesh_cfg, args.steps, peak) for name in args.rows.split(",")]
+
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({backend})"
+    print(f"# train step, {device}" + (f", measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s/device" if peak else ""))
+    header = f"{'row':<14}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/step':>12}{'compile s':>11}{'step ms':>10}{'ex/s':>10}{'MFU':>7}"
+    print(header)
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(
+            f"{r['row']:<14}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}{r['gflops_per_step']:>12.4f}"
+            f"{r['compile_s']:>11.2f}{r['step_ms']:>10.2f}{r['examples_per_s']:>10.1f}{mfu:>7}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "peak_flops": peak, "rows": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

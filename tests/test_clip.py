@@ -4,6 +4,7 @@ Tolerance: relative L2 error < 1e-4 (the issue's bar). Both sides compute in flo
 differences are summation-order rounding, around 1e-7 relative.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -197,13 +198,30 @@ def test_bad_config_and_inputs_name_the_problem():
         clip.CLIPTextConfig.from_dict({"model_type": "t5"})
     config = clip.CLIPTextConfig(vocab_size=20, hidden_size=8, intermediate_size=8, projection_dim=4,
                                  num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=5)
-    model = clip.CLIPTextModel(config, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: clip.CLIPTextModel(config, rngs=nnx.Rngs(0)))  # inputs are checked first
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(np.zeros((1, 6), np.int32))
     with pytest.raises(ValueError, match="input_ids"):
         model(np.zeros((1, 5), np.float32))
-    vision = clip.CLIPVisionModel(clip.CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                                        num_attention_heads=2, image_size=8, patch_size=4),
-                                  rngs=nnx.Rngs(0))
+    vision_config = clip.CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=8, patch_size=4)
+    vision = nnx.eval_shape(lambda: clip.CLIPVisionModel(vision_config, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="NHWC"):
         vision(np.zeros((1, 3, 8, 8), np.float32))  # NCHW by mistake
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    """dtype=bfloat16 (params float32) runs end to end; bf16 keeps ~3 significant digits per op, so over a few
+    layers the relative error is ~1e-2, far below what a wrong computation would give (~1)."""
+    config = tiny_text_config(**TEXT_CASES["gelu_eos_id"])
+    ref = randomise(transformers.CLIPTextModel(config), seed=9)
+    tensors = clip.add_tower_prefix(torch_tensors(ref), "text_model")
+    ours_config = clip.CLIPTextConfig.from_dict(config.to_dict())
+    full = load_ours(clip.CLIPTextModel, ours_config, tensors)
+    half = nnx.eval_shape(lambda: clip.CLIPTextModel(ours_config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    weights.load_state_dict(half, tensors)
+    ids, _ = token_batch(config, length=config.max_position_embeddings, seed=10)
+    run = nnx.jit(lambda m, x: m(x).last_hidden_state)
+    got = run(half, ids.astype(np.int32))
+    assert got.dtype == jnp.bfloat16
+    assert rel_l2(got.astype(jnp.float32), run(full, ids.astype(np.int32))) < 3e-2

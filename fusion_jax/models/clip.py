@@ -369,7 +369,9 @@ class CLIPTextTransformer(nnx.Module):
                 f"({self.config.max_position_embeddings})"
             )
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask shape {attention_mask.shape} must equal input_ids shape {input_ids.shape}")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+            )
         x = self.embeddings(input_ids)
         x, states = self.encoder(
             x, _text_attention_bias(input_ids, attention_mask), output_hidden_states=output_hidden_states

@@ -81,6 +81,7 @@ def test_encode_decode_match_diffusers(case):
     assert rel_l2(got_posterior.mean, nhwc(posterior.mean)) < REL_TOL
     assert rel_l2(got_posterior.logvar, nhwc(posterior.logvar)) < REL_TOL
     assert rel_l2(got_posterior.std, nhwc(posterior.std)) < REL_TOL
+    assert rel_l2(got_posterior.kl(), posterior.kl().numpy()) < REL_TOL  # the VAE training regulariser
     assert got_decoded.shape == (2, 16, 16, cfg.out_channels)
     assert rel_l2(got_decoded, nhwc(decoded)) < REL_TOL
 

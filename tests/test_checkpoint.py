@@ -88,19 +88,25 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(reference, tmp_path):
         [sys.executable, "-m", "tests.train_helpers", "0.3", f"workdir={workdir}", *RUN],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 240
     try:
+        # Kill after the step-4 checkpoint, preferably while the step-8 save is being written (its Orbax
+        # temporary directory exists), at the latest once step 10 is logged.
         while time.time() < deadline and proc.poll() is None:
             step = latest_metric_step(workdir) or 0
-            if step >= 6 and os.path.isdir(os.path.join(workdir, "checkpoints", "4")):
+            saving = glob.glob(os.path.join(ckpt_dir, "*.orbax-checkpoint-tmp*"))
+            if step >= 6 and os.path.isdir(os.path.join(ckpt_dir, "4")) and (saving or step >= 10):
                 break
-            time.sleep(0.05)
+            time.sleep(0.005)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    killed_mid_save = bool(glob.glob(os.path.join(ckpt_dir, "*.orbax-checkpoint-tmp*")))
+    print(f"killed mid-save: {killed_mid_save}")  # usually True; either way nothing half-written is used
     killed_at = latest_metric_step(workdir)
     assert 6 <= killed_at < 12
 

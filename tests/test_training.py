@@ -165,3 +165,20 @@ def test_bad_mesh_or_batch_fails_in_train_before_anything_is_traced(tmp_path):
         config = tiny_config(override)
         with pytest.raises(ConfigError, match=message):
             train(config, model_factory_must_not_run, tiny_loss, lambda c: None, None if override == "workdir=" else str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_keep_values_and_gradients(name):
+    from fusion_jax.training import maybe_remat, remat_policy
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4)), jnp.float32)
+    block = lambda x: jnp.tanh(x @ w) @ w  # noqa: E731
+    loss = lambda f: lambda x: jnp.sum(f(x) ** 2)  # noqa: E731
+    x = jnp.ones((2, 4))
+    remat_grad = jax.grad(loss(maybe_remat(block, name)))(x)
+    # Remat only changes what is stored for the backward pass, never the math: same ops, same order.
+    np.testing.assert_array_equal(remat_grad, jax.grad(loss(block))(x))
+    jaxpr = jax.make_jaxpr(loss(maybe_remat(block, name)))(x).jaxpr
+    assert [e.params["policy"] for e in jaxpr.eqns if "policy" in e.params] == [remat_policy(name)]
+    with pytest.raises(ConfigError, match="train.remat='some'"):
+        maybe_remat(block, "some")

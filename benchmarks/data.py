@@ -5,8 +5,10 @@
 Sources: `memory` (decoded records in RAM: the cost of cropping, resizing, augmenting and batching
 alone), `tfds` (a `face_identities` ArrayRecord dataset written here from synthetic photos: adds
 reading and JPEG/PNG decoding), `synthfaces` (procedural faces rendered on the fly) and, when
-`--preencoded` is given, the pre-encoded TFRecord stream (latents and text embeddings, no images).
-Photos are synthetic with a known face box, so no face detector runs.
+`preencoded` (the TFRecord stream of `fusion_jax.data.preencoded`: latent moments, text and face
+embeddings, no images). Photos are synthetic with a known face box, so no face detector runs. The
+pre-encoded data is written here by stand-in encoders with Stable Diffusion 1.5's output shapes
+(latents 1/8 of the side with 4 channels, text 77 x 768), since only the streaming cost is measured.
 """
 
 from __future__ import annotations
@@ -89,13 +91,45 @@ def tfds_source(memory, workdir, crop_size):
     return FaceIdentitiesSource(os.path.join(workdir, "tfds"))
 
 
-def measure(iterator, batches, warmup=2):
+def sd15_shaped_encoders():
+    """Parameter-free NNX modules with SD1.5's encoder output shapes (8x8 average pooling; constant text)."""
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class PooledVAE(nnx.Module):
+        def encode(self, images):
+            b, h, w, _ = images.shape
+            pooled = images.reshape(b, h // 8, 8, w // 8, 8, 3).mean(axis=(2, 4))
+            mean = jnp.concatenate([pooled, pooled[..., :1]], axis=-1)
+            return types.SimpleNamespace(mean=mean, logvar=jnp.zeros_like(mean))
+
+    class ConstantText(nnx.Module):
+        def __call__(self, input_ids):
+            return types.SimpleNamespace(last_hidden_state=jnp.zeros((*input_ids.shape, 768)) + input_ids[..., None] * 1e-3)
+
+    return PooledVAE(), ConstantText(), (lambda texts: np.full((len(texts), 77), 7, np.int32))
+
+
+def preencoded_folder(memory, workdir, resolution, reference_size):
+    from fusion_jax.data.preencoded import PreencodeConfig, preencode_source
+
+    folder = os.path.join(workdir, "preencoded")
+    vae, text, tokenize = sd15_shaped_encoders()
+    preencode_source(memory, folder, vae, text, tokenize, PreencodeConfig(resolution=resolution, reference_size=reference_size))
+    return folder
+
+
+def measure(iterator, batches, min_seconds, warmup=2):
+    """Examples/s over at least `batches` batches and `min_seconds` (so prefetched batches do not dominate)."""
     for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
-    count = 0
-    for _ in range(batches):
+    count = done = 0
+    while done < batches or time.perf_counter() - start < min_seconds:
         count += len(next(iterator)["identity"])
+        done += 1
     seconds = time.perf_counter() - start
     iterator.close()
     return count / seconds
@@ -111,9 +145,9 @@ def main(argv=None):
     parser.add_argument("--photos-per-identity", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per row")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per row, at least")
     parser.add_argument("--threads", type=int, nargs="+", default=(1, 2, 4), help="tf.data loader threads to compare")
-    parser.add_argument("--sources", nargs="+", default=("memory", "tfds", "synthfaces"))
-    parser.add_argument("--preencoded", default=None, help="folder written by train/preencode.py, to time its stream")
+    parser.add_argument("--sources", nargs="+", default=("memory", "tfds", "synthfaces", "preencoded"))
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -140,16 +174,19 @@ def main(argv=None):
         for name, source in sources.items():
             for threads in args.threads:
                 config = dataclasses.replace(base, num_parallel_calls=threads)
-                rate = measure(make_pipeline(source, config), args.batches)
+                rate = measure(make_pipeline(source, config), args.batches, args.min_seconds)
                 rows.append({"source": name, "threads": threads, "examples_per_s": rate, "batch_size": args.batch_size,
                              "resolution": args.resolution})
                 print(f"{name:10s} threads={threads}: {rate:.1f} examples/s", flush=True)
-        if args.preencoded:
-            from fusion_jax.data.preencoded import PreencodedConfig, make_preencoded_pipeline
+        if "preencoded" in args.sources:
+            from fusion_jax.data.preencoded import PreencodedConfig, PreencodedSource, make_preencoded_pipeline
 
+            stored = PreencodedSource(preencoded_folder(memory, workdir, args.resolution, args.reference_size))
             for threads in args.threads:
-                config = PreencodedConfig(batch_size=args.batch_size, num_parallel_calls=threads, process_index=0, process_count=1)
-                rate = measure(make_preencoded_pipeline(args.preencoded, config), args.batches)
+                config = PreencodedConfig(num_references=args.num_references, batch_size=args.batch_size,
+                                          num_parallel_calls=threads, process_index=0, process_count=1)
+                rate = measure(make_preencoded_pipeline(stored, config), args.batches, args.min_seconds)
+                print(f"preencoded threads={threads}: {rate:.1f} examples/s", flush=True)
                 rows.append({"source": "preencoded", "threads": threads, "examples_per_s": rate, "batch_size": args.batch_size,
                              "resolution": args.resolution})
     print()

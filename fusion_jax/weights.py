@@ -375,9 +375,12 @@ def _dtypes(dtype, param_dtype):
 
 
 def _load_component(folder: Path, config, model_cls, stem: str, *, dtype, param_dtype, allow_pickle, variant,
-                    ignore=()):
+                    ignore=(), rename: Callable[[dict], dict] | None = None):
+    """Read a component's weights, optionally rename legacy key layouts, and build the module from them."""
     dtype, param_dtype = _dtypes(dtype, param_dtype)
     tensors = read_component_tensors(folder, stem, variant=variant, allow_pickle=allow_pickle)
+    if rename is not None:
+        tensors = rename(tensors)
     return build_from_tensors(
         lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
         tensors,
@@ -400,12 +403,12 @@ def load_unet(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "un
 def load_vae(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "vae", allow_pickle: bool = False,
              variant: str | None = None):
     """A diffusers AutoencoderKL folder (or pipeline folder / HF cache entry) -> our VAE."""
-    from fusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+    from fusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, rename_legacy_vae_keys
 
     folder = component_dir(path, subfolder)
     config = AutoencoderKLConfig.from_dict(read_config(folder))
     return _load_component(folder, config, AutoencoderKL, DIFFUSERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
-                           allow_pickle=allow_pickle, variant=variant)
+                           allow_pickle=allow_pickle, variant=variant, rename=rename_legacy_vae_keys)
 
 
 def load_text_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "text_encoder",
@@ -418,8 +421,10 @@ def load_text_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: s
     config = clip.CLIPTextConfig.from_dict(raw)
     with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
     model_cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
+    # transformers 5 saves a plain CLIPTextModel without the `text_model.` level; SD checkpoints keep it.
     return _load_component(folder, config, model_cls, TRANSFORMERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
-                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED)
+                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED,
+                           rename=lambda t: clip.add_tower_prefix(t, "text_model"))
 
 
 def load_vision_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "image_encoder",
@@ -433,7 +438,8 @@ def load_vision_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder:
     with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
     model_cls = clip.CLIPVisionModelWithProjection if with_projection else clip.CLIPVisionModel
     return _load_component(folder, config, model_cls, TRANSFORMERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
-                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED)
+                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED,
+                           rename=lambda t: clip.add_tower_prefix(t, "vision_model"))
 
 
 def load_schedule(path, subfolder: str = "scheduler"):

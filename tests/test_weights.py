@@ -131,3 +131,29 @@ def test_truncated_file_and_unknown_repo_are_clear_errors(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(weights.CheckpointError, match="nothing is downloaded"):
         weights.resolve_model_path("org/absent")
+
+
+def test_text_and_vision_encoders_saved_by_transformers_load(tmp_path):
+    """transformers 5 saves CLIPTextModel / CLIPVisionModel without the tower prefix; both layouts must load."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=12)).eval()
+    text.save_pretrained(tmp_path / "text")
+    ids = np.array([[49, 3, 7, 1, 0]])
+    ours = weights.load_text_encoder(tmp_path / "text")
+    with torch.no_grad():
+        ref = text(torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids)).last_hidden_state), ref, rtol=1e-4, atol=1e-5)
+
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, image_size=16, patch_size=8,
+                                                            projection_dim=8)).eval()
+    vision.save_pretrained(tmp_path / "vision")
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    ours_v = weights.load_vision_encoder(tmp_path / "vision")
+    with torch.no_grad():
+        ref_v = vision(torch.from_numpy(pixels)).image_embeds.numpy()
+    out_v = np.asarray(ours_v(jnp.asarray(pixels.transpose(0, 2, 3, 1))).image_embeds)
+    np.testing.assert_allclose(out_v, ref_v, rtol=1e-4, atol=1e-5)

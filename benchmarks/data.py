@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, write_json  # noqa: E402
-from fusion_jax.data.faces import EMBEDDING_DIM, Face  # noqa: E402
+from fusion_jax.data.faces import Face  # noqa: E402
 from fusion_jax.data.pipeline import PipelineConfig, make_pipeline  # noqa: E402
 from fusion_jax.data.sources import InMemoryFaceSource, make_record  # noqa: E402
 

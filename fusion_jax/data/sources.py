@@ -18,7 +18,9 @@ key                type / shape           meaning
 
 A **random-access face source** offers ``__len__()``, ``__getitem__(i) -> record`` and ``identities``
 (an int64 array (len,), the identity of each index, readable without decoding any image), so the
-pipeline can group photos by person cheaply. Sources: the `face_identities` TFDS builder
+pipeline can group photos by person cheaply. Optionally, ``reference_crop(i) -> uint8 (S, S, 3)`` returns
+only the aligned crop (without decoding or rendering the photo); the pipeline uses it for references when
+present, else ``source[i]["face_crop"]``. Sources: the `face_identities` TFDS builder
 (`face_identities.FaceIdentitiesSource`), TFDS `celeb_a` (`celeba.CelebASource`), `synthfaces`, and
 `InMemoryFaceSource` below.
 """

@@ -182,3 +182,10 @@ def test_remat_policies_keep_values_and_gradients(name):
     assert [e.params["policy"] for e in jaxpr.eqns if "policy" in e.params] == [remat_policy(name)]
     with pytest.raises(ConfigError, match="train.remat='some'"):
         maybe_remat(block, "some")
+
+
+def test_host_only_fields_are_dropped_before_sharding():
+    from fusion_jax.training.loop import device_fields
+
+    batch = {"x": np.zeros((2, 3), np.float32), "ids": np.zeros((2,), np.int32), "caption": np.array(["a", "b"])}
+    assert sorted(device_fields(batch)) == ["ids", "x"]

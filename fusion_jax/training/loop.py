@@ -69,6 +69,13 @@ class _StopFlag:
             self._previous = None
 
 
+def device_fields(batch: Any) -> Any:
+    """Drops host-only fields (strings, objects: e.g. raw captions) from a dict batch before it goes to devices."""
+    if isinstance(batch, dict):
+        return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OSUV"}
+    return batch
+
+
 def _check_before_compiling(config: ExperimentConfig, workdir: str):
     if not workdir:
         raise ConfigError("workdir: must be set (workdir=PATH on the command line or in the YAML)")
@@ -135,7 +142,7 @@ def train(
     config_dict = to_dict(config)
     try:
         while step < tcfg.steps:
-            batch = shard_batch(next(batches), mesh)
+            batch = shard_batch(device_fields(next(batches)), mesh)
             state, metrics = trainer.step(state, batch)
             step += 1
             pending.append(metrics)

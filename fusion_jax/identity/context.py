@@ -63,8 +63,12 @@ class IdentityContext:
         return self.region_masks[key]
 
 
-@struct.dataclass
 class ReferenceCapture:
-    """Marker passed as `unet(..., identity=ReferenceCapture())`: run the base UNet and record, in every block
-    that has an identity slot, the hidden states entering its cross-attention (`nnx.Intermediate` named
-    `reference_tokens`, read back with `nnx.pop`). Holds no arrays."""
+    """Passed as `unet(..., identity=ReferenceCapture())`: run the base UNet and record, for every block that has
+    an identity slot, the hidden states entering its cross-attention into `tokens` (layer_name -> (B, h*w, C)).
+
+    A host-side collector, not a pytree: read `tokens` right after the call, inside the same traced function
+    (works under jit, lax loops and remat, which Flax's mutable `sow` does not inside a loop body)."""
+
+    def __init__(self):
+        self.tokens: dict[str, jax.Array] = {}

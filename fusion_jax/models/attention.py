@@ -204,8 +204,8 @@ class Attention(nnx.Module):
         self.to_v = nnx.Linear(kv_dim, inner, use_bias=bias, **kw)
         self.to_out = nnx.List([nnx.Linear(inner, query_dim, use_bias=out_bias, **kw), nnx.Dropout(dropout)])
         # identity cross-attention slot: filled by fusion_jax.identity.fusion.attach_identity_projections
-        self.to_k_ref: nnx.Linear | None = None
-        self.to_v_ref: nnx.Linear | None = None
+        self.to_k_ref: nnx.Linear | None = nnx.data(None)
+        self.to_v_ref: nnx.Linear | None = nnx.data(None)
         self.identity_combine: IdentityCombine = "joint"
 
     @property
@@ -362,20 +362,21 @@ class BasicTransformerBlock(nnx.Module):
         self,
         x: jax.Array,
         encoder_hidden_states: jax.Array,
-        identity: IdentityContext | ReferenceCapture | None = None,
+        identity: IdentityContext | None = None,
         *,
         spatial_shape: tuple[int, int] | None = None,
-    ) -> jax.Array:
-        """x (B, h*w, dim); encoder_hidden_states (B, L, cross_attention_dim); spatial_shape = (h, w)."""
+        return_cross_input: bool = False,
+    ):
+        """x (B, h*w, dim); encoder_hidden_states (B, L, cross_attention_dim); spatial_shape = (h, w).
+
+        With `return_cross_input`, returns (output, the hidden states entering attn2), the tokens a reference
+        branch captures."""
         h = self.attn1(self.norm1(x), encoder_hidden_states if self.only_cross_attention else None) + x
         normed = self.norm2(h)
-        if isinstance(identity, ReferenceCapture):
-            if self.attn2.has_identity_slot:
-                self.sow(nnx.Intermediate, "reference_tokens", normed)
-            identity = None
         h = self.attn2(normed, encoder_hidden_states, identity=identity, layer_name=self.layer_name,
                        spatial_shape=spatial_shape) + h
-        return self.ff(self.norm3(h)) + h
+        out = self.ff(self.norm3(h)) + h
+        return (out, normed) if return_cross_input else out
 
 
 def call_maybe_remat(remat: bool, fn, *args):
@@ -435,7 +436,16 @@ class Transformer2DModel(nnx.Module):
         else:
             h = self.proj_in(h)
             h = h.reshape(b, height * width, h.shape[-1])
+        capture = identity if isinstance(identity, ReferenceCapture) else None
         for block in self.transformer_blocks:
+            if capture is not None:
+                h, normed = call_maybe_remat(
+                    self.remat,
+                    lambda blk, hs, ehs: blk(hs, ehs, spatial_shape=(height, width), return_cross_input=True),
+                    block, h, encoder_hidden_states)
+                if block.attn2.has_identity_slot:
+                    capture.tokens[block.layer_name] = normed
+                continue
             h = call_maybe_remat(
                 self.remat,
                 lambda blk, hs, ehs, ident: blk(hs, ehs, ident, spatial_shape=(height, width)),

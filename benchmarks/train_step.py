@@ -3,9 +3,10 @@
     python benchmarks/train_step.py [--rows tiny,tiny_bf16] [--steps 20] [--mesh -1,1,1] [--json FILE]
 
 Each row is a (model, loss, batch spec, train config) in `ROWS`; the UNet / Face Fusion rows are added by
-their modules with `register_row`. FLOPs come from XLA's cost analysis of the compiled step (exact, per step,
-all devices together). On a GPU the MFU is against the measured bf16 matmul peak of the device
-(a large square matmul), not a datasheet number.
+their modules with `register_row`. FLOPs come from XLA's cost analysis of the compiled step: for a sharded
+step that is the program ONE device runs (its shard of the work plus any replicated work), so the column is
+per device and MFU = per-device FLOPs / step time / per-device peak. On a GPU the peak is the measured bf16
+matmul rate of the device (a large square matmul), not a datasheet number.
 """
 
 from __future__ import annotations
@@ -105,11 +106,11 @@ def bench_row(row: Row, mesh_cfg: MeshConfig, steps: int, peak: float | None) ->
         "mesh": "x".join(str(v) for v in mesh.devices.shape),
         "params": n_params,
         "batch": row.batch_size,
-        "gflops_per_step": flops / 1e9,
+        "gflops_per_step_per_device": flops / 1e9,
         "compile_s": compile_s,
         "step_ms": step_s * 1e3,
         "examples_per_s": row.batch_size / step_s,
-        "mfu": (flops / step_s) / (peak * mesh.devices.size) if peak else None,
+        "mfu": (flops / step_s) / peak if peak else None,
     }
     return result
 
@@ -128,12 +129,12 @@ def main(argv: list[str]) -> int:
 
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({backend})"
     print(f"# train step, {device}" + (f", measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s/device" if peak else ""))
-    header = f"{'row':<14}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/step':>12}{'compile s':>11}{'step ms':>10}{'ex/s':>10}{'MFU':>7}"
+    header = f"{'row':<14}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/dev':>12}{'compile s':>11}{'step ms':>10}{'ex/s':>10}{'MFU':>7}"
     print(header)
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(
-            f"{r['row']:<14}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}{r['gflops_per_step']:>12.4f}"
+            f"{r['row']:<14}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}{r['gflops_per_step_per_device']:>12.4f}"
             f"{r['compile_s']:>11.2f}{r['step_ms']:>10.2f}{r['examples_per_s']:>10.1f}{mfu:>7}"
         )
     if args.json:

@@ -58,6 +58,8 @@ class _StopFlag:
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        else:  # Python only delivers signals to the main thread
+            log.warning("train() is not on the main thread: SIGTERM will not trigger a checkpoint")
 
     def _handle(self, signum, frame) -> None:
         del signum, frame

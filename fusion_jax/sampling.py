@@ -50,8 +50,10 @@ def guided_prediction(eps_uncond, eps_text, guidance_scale: float, guidance_resc
 
 def latent_shape(pipeline: Pipeline, cfg: SamplingConfig, batch: int) -> tuple[int, int, int, int]:
     f = pipeline.vae_scale_factor
-    if cfg.height % f or cfg.width % f:
-        raise ValueError(f"height and width must be multiples of {f}; got {cfg.height}x{cfg.width}")
+    unet_factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)  # the UNet halves the latent per level
+    if cfg.height % (f * unet_factor) or cfg.width % (f * unet_factor):
+        raise ValueError(f"height and width must be multiples of {f * unet_factor} (VAE factor {f} x UNet factor "
+                         f"{unet_factor}); got {cfg.height}x{cfg.width}")
     return (batch, cfg.height // f, cfg.width // f, pipeline.unet.config.in_channels)
 
 

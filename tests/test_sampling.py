@@ -34,7 +34,7 @@ def pipeline(tiny_dir):
 
 def _cfg(pipeline, **kw):
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    return sampling.SamplingConfig(height=size, width=size, output="float", **kw)
+    return sampling.SamplingConfig(**{"height": size, "width": size, "output": "float", **kw})
 
 
 def _noise(pipeline, cfg, batch, seed=0):
@@ -108,7 +108,7 @@ def test_bad_inputs_are_clear_errors(pipeline):
     with pytest.raises(ValueError, match="noise must have shape"):
         sampling.generate(pipeline, ids, key=jax.random.key(0), cfg=cfg, noise=np.zeros((1, 2, 2, 4), np.float32))
     with pytest.raises(ValueError, match="multiples of"):
-        sampling.generate(pipeline, ids, key=jax.random.key(0), cfg=sampling.SamplingConfig(height=30, width=30))
+        sampling.generate(pipeline, ids, key=jax.random.key(0), cfg=sampling.SamplingConfig(height=30, width=32))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     with pytest.raises(ValueError, match="not divisible"):
         sampling.generate(pipeline, ids, key=jax.random.key(0), cfg=cfg, mesh=mesh)

@@ -99,8 +99,13 @@ def test_single_file_unet_matches_diffusers(torch_unet, tmp_path):
 def test_single_file_refuses_pickles_and_needs_local_config(torch_unet, tmp_path):
     file = tmp_path / "tiny-sd.ckpt"
     torch.save({"state_dict": {to_ldm_key(k): v for k, v in torch_unet.state_dict().items()}}, file)
+    config_dir = tmp_path / "config" / "unet"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.json").write_text(json.dumps(dict(torch_unet.config)))
     with pytest.raises(weights.CheckpointError, match="refusing to unpickle"):
-        weights.load_unet_single_file(file, config=tmp_path)
+        weights.load_unet_single_file(file, config=tmp_path / "config")
+    trusted = weights.load_unet_single_file(file, config=tmp_path / "config", allow_pickle=True)
+    assert trusted.config.block_out_channels == tuple(CONFIG["block_out_channels"])
     empty = tmp_path / "no-config-here"
     empty.mkdir()
     with pytest.raises(weights.CheckpointError, match="no config.json"):

@@ -281,3 +281,31 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="fusion_loss: batch has no 'reference_latents'"):
         F.fusion_loss(unet, {"latents": x, "text_emb": ehs, "empty_text_emb": empty}, jax.random.key(0),
                       NoiseSchedule(), cfg)
+
+
+def test_current_references_inside_a_sampling_loop_with_remat():
+    """`current`: references are re-encoded at every step's t inside lax.fori_loop (the sampler's shape), also
+    with remat on (the capture crosses nnx.remat); remat does not change the forward values."""
+    from fusion_jax.models.unet import set_remat
+
+    unet = make_unet(4)
+    cfg = F.FusionConfig(reference_timestep="current")
+    F.attach_identity_projections(unet, cfg)
+    x, ehs, ref, empty = inputs()
+    ref_noise = np.random.default_rng(5).standard_normal(ref.shape).astype(np.float32)
+    steps = jnp.array([800, 400, 100])
+    schedule = NoiseSchedule()
+
+    def denoise(m, x, e, r, emp, noise):
+        def body(i, lat):
+            eps = F.fusion_forward(m, lat, steps[i], e, r, emp, cfg, schedule=schedule, ref_noise=noise)
+            return lat - 0.1 * eps
+        return jax.lax.fori_loop(0, steps.shape[0], body, x)
+
+    plain = np.asarray(jitted(unet, denoise)(x, ehs, ref, empty, ref_noise))
+    base = np.asarray(jitted(unet, lambda m, x, e: jax.lax.fori_loop(
+        0, 3, lambda i, lat: lat - 0.1 * m(lat, steps[i], e), x))(x, ehs))
+    assert np.abs(plain - base).max() > 1e-3
+    set_remat(unet, True)
+    remat = np.asarray(jitted(unet, denoise)(x, ehs, ref, empty, ref_noise))
+    np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-5)

@@ -322,6 +322,8 @@ def encode_references(
     if noise is not None:
         if schedule is None:
             raise ValueError("encode_references: noising references (noise given) needs `schedule`")
+        noise = jnp.asarray(noise)
+        noise = noise[:, None] if noise.ndim == 5 else noise
         if tuple(noise.shape) != tuple(refs.shape):
             raise ValueError(f"noise must match ref_latents {refs.shape}, got {noise.shape}")
         noise_flat = noise.reshape(b * k * n, h, w, c)

@@ -379,11 +379,21 @@ class BasicTransformerBlock(nnx.Module):
         return (out, normed) if return_cross_input else out
 
 
-def call_maybe_remat(remat: bool, fn, *args):
-    """`fn(*args)`, rematerialised in the backward pass (nnx.remat, REMAT_POLICY) when `remat` is set."""
+def call_maybe_remat(remat: bool, fn, module: nnx.Module, *args):
+    """`fn(module, *args)`, rematerialised in the backward pass (jax.checkpoint with REMAT_POLICY) when `remat`.
+
+    The module is split into (graphdef, state) and merged inside a pure function, so this also works when the
+    module was created outside the current trace (e.g. called inside a lax loop body), where `nnx.remat` refuses
+    to write the module back. Blocks do not mutate state in their forward pass, so nothing needs writing back.
+    """
     if not remat:
-        return fn(*args)
-    return nnx.remat(fn, policy=REMAT_POLICY)(*args)
+        return fn(module, *args)
+    graphdef, state = nnx.split(module)
+
+    def pure(state, *args):
+        return fn(nnx.merge(graphdef, state), *args)
+
+    return jax.checkpoint(pure, policy=REMAT_POLICY)(state, *args)
 
 
 class Transformer2DModel(nnx.Module):

@@ -26,6 +26,11 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+# Sections owned by other modules, reused as they are (their fields are the YAML keys).
+from fusion_jax.data.pipeline import PipelineConfig
+from fusion_jax.data.synthfaces import SynthFaceConfig
+from fusion_jax.identity.fusion import FusionConfig
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the dotted key and where the value came from."""
@@ -66,7 +71,9 @@ class TrainConfig:
     mu_dtype: Optional[Literal["float32", "bfloat16"]] = None  # Adam first-moment dtype; None = param dtype
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"  # block remat
     seed: int = 0  # seeds model init and the per-step RNG (dropout, noise, timesteps)
-    trainable: str = "all"  # which params train: 'all', or a regex searched in the param path ('to_[kv]_ref')
+    # which params train: 'all', a Face Fusion mode ('identity' = the new to_k_ref / to_v_ref, 'identity+lora'),
+    # or a regex searched in the param path ('to_[kv]_ref'). Frozen encoders (VAE, text encoder) never train.
+    trainable: str = "all"
     max_skipped_steps: Optional[int] = 100  # abort with an error once more steps were skipped (NaN); None = never
 
 
@@ -93,11 +100,52 @@ class LoggingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where batches come from. The data pipeline's own options are added here by its module."""
+    """Where batches come from (`fusion_jax.experiment.make_batch_iterator`)."""
 
-    source: Literal["synthetic", "synthfaces", "folder", "tfds"] = "synthetic"  # synthetic = random tensors
+    # synthetic = random tensors of the model's batch shapes (throughput tests, smoke runs);
+    # synthfaces = procedural identities (`data.synthfaces`); folder = a built face_identities dataset at
+    # `data.path` (train/build_dataset.py); preencoded = a train/preencode.py folder at `data.path`.
+    source: Literal["synthetic", "synthfaces", "folder", "preencoded"] = "synthetic"
     batch_size: int = 8  # global batch per optimizer step (all hosts, all micro-batches)
     seed: int = 0  # seeds shuffling / synthetic batches (independent of train.seed)
+    path: str = ""  # folder: the face_identities data_dir; preencoded: the pre-encoded folder
+    # The tf.data stream (synthfaces / folder / preencoded). Its batch_size, seed, process_* and tokenize are set
+    # from data.batch_size / data.seed / JAX / the model's tokenizer; its p_drop_* flags are not used (condition
+    # dropout is drawn in the loss: fusion.text_dropout / reference_dropout, objective.text_dropout).
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    synthfaces: SynthFaceConfig = dataclasses.field(default_factory=SynthFaceConfig)  # data.source: synthfaces
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The networks: a base SD pipeline (UNet + frozen VAE + frozen text encoder) or an inline UNet preset."""
+
+    # A diffusers SD pipeline folder or cached HF repo id; 'tiny' = the project's tiny random pipeline
+    # (`fusion_jax.tiny.write_tiny_pipeline`, written once to `tiny_cache_dir`). Ignored with `unet_preset`.
+    pipeline: str = "tiny"
+    # Inline randomly initialised UNet for throughput tests, no VAE / text encoder: 'tiny' | 'mid' | 'sd15'
+    # (`fusion_jax.experiment.UNET_PRESETS`); needs latents: preencoded and data.source: synthetic.
+    unet_preset: Optional[str] = None
+    tiny_cache_dir: str = ""  # where 'tiny' is written; '' = $XDG_CACHE_HOME (or ~/.cache)/fusion_jax/tiny_pipeline
+    # Where the UNet's inputs come from: vae = encode target / reference images with the frozen VAE in the train
+    # step; preencoded = sample the batch's pre-encoded VAE moments (data.source: preencoded or synthetic);
+    # pixel = the UNet denoises [-1, 1] pixels directly (a UNet with 3 input channels).
+    latents: Literal["vae", "preencoded", "pixel"] = "vae"
+    # Activations run in train.compute_dtype; params are stored in train.param_dtype (the frozen VAE and text
+    # encoder too). Attention implementation of the UNet (`fusion_jax.models.attention`).
+    attention_kernel: str = "auto"
+    query_chunk_size: int = 1024  # query block of chunked self-attention (CPU / long sequences)
+    text_length: int = 77  # unet_preset with data.source synthetic: text tokens per prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """What is trained."""
+
+    # text_to_image = the plain denoising loss with text dropout (base models); face_fusion = Face Fusion's
+    # loss (`identity.fusion.fusion_loss`, settings in the `fusion` section).
+    name: Literal["text_to_image", "face_fusion"] = "face_fusion"
+    text_dropout: float = 0.1  # text_to_image: probability of replacing a caption by the empty prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +159,9 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)  # Orbax checkpoints
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)  # metrics and samples
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # batch source
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # networks and latents
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)  # loss
+    fusion: FusionConfig = dataclasses.field(default_factory=FusionConfig)  # Face Fusion (identity/fusion.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -396,7 +396,8 @@ def fusion_loss(unet, batch: dict[str, jax.Array], rng: jax.Array, schedule: Noi
 
     batch: 'latents' (B, H, W, C) target latents; 'text_emb' (B, L, D); 'empty_text_emb' (1 or B, L, D);
     'reference_latents' (B, N, h, w, C) or (B, K, N, h, w, C) of the same person(s); optional 'reference_valid'
-    (B, K, N). The caption is replaced by the empty prompt with probability `text_dropout`, and a sample's
+    (B, K, N), 'added_cond_kwargs' (SDXL text_time inputs of the targets) and 'reference_added_cond_kwargs'
+    (of the reference rows, 1 or B rows; default: the targets'). The caption is replaced by the empty prompt with probability `text_dropout`, and a sample's
     references are switched off (strength 0, exactly the base model) with probability `reference_dropout`,
     independently, so both guidance terms are learnt.
     """
@@ -415,14 +416,16 @@ def fusion_loss(unet, batch: dict[str, jax.Array], rng: jax.Array, schedule: Noi
     drop_ref = jax.random.bernoulli(k_ref, cfg.reference_dropout, (b,))
     refs = check_reference_latents(batch["reference_latents"], b, unet.config.in_channels)
     strength = jnp.where(drop_ref[:, None], 0.0, cfg.strength) * jnp.ones((b, refs.shape[1]))
-    kwargs = dict(strength=strength, reference_valid=batch.get("reference_valid"))
+    added = batch.get("added_cond_kwargs")
+    kwargs = dict(strength=strength, reference_valid=batch.get("reference_valid"), batch=b,
+                  added_cond_kwargs=batch.get("reference_added_cond_kwargs", added))
     if cfg.reference_timestep == "current":
         ref_noise = jax.random.normal(k_ref_noise, refs.shape, jnp.float32).astype(refs.dtype)
         context = encode_references(unet, refs, batch["empty_text_emb"], cfg, timesteps=t, noise=ref_noise,
                                     schedule=schedule, **kwargs)
     else:
         context = encode_references(unet, refs, batch["empty_text_emb"], cfg, **kwargs)
-    pred = unet(x_t, t, ehs, identity=context).astype(jnp.float32)
+    pred = unet(x_t, t, ehs, added, identity=context).astype(jnp.float32)
     target = training_target(schedule, x0, noise, t).astype(jnp.float32)
     loss = jnp.mean((pred - target) ** 2)
     aux = {"text_dropped": jnp.mean(drop_text.astype(jnp.float32)),

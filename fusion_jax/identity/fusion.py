@@ -245,7 +245,8 @@ def region_masks_from_boxes(
     return masks
 
 
-def _strength_array(strength, batch: int, num_ids: int) -> jax.Array:
+def strength_array(strength, batch: int, num_ids: int) -> jax.Array:
+    """Per-identity strength (scalar, (K,) or (B, K)) -> (B, K) float32; errors name `strength`."""
     s = jnp.asarray(strength, jnp.float32)
     if s.ndim == 1 and s.shape[0] == num_ids:
         s = s[None]
@@ -254,6 +255,9 @@ def _strength_array(strength, batch: int, num_ids: int) -> jax.Array:
     except ValueError:
         raise ValueError(f"strength must be a scalar, (K,)=({num_ids},) or (B, K)=({batch}, {num_ids}), "
                          f"got shape {s.shape}") from None
+
+
+_strength_array = strength_array  # older private name, kept for callers
 
 
 def capture_reference_tokens(unet, latents, timesteps, encoder_hidden_states, added_cond_kwargs=None
@@ -354,7 +358,7 @@ def encode_references(
         token_ids[name] = jnp.repeat(ids.reshape(b, k * n), per_ref, axis=1).astype(jnp.int32)
     return IdentityContext(
         reference_tokens=tokens, token_identity=token_ids,
-        strength=_strength_array(cfg.strength if strength is None else strength, b, k), region_masks=masks)
+        strength=strength_array(cfg.strength if strength is None else strength, b, k), region_masks=masks)
 
 
 def fusion_forward(
@@ -442,6 +446,6 @@ def fusion_state_dict_keys(unet) -> list[str]:
 
 __all__ = [
     "FusionConfig", "attach_identity_projections", "attach_lora", "trainable_filter", "participating_layers",
-    "check_reference_latents", "latent_levels", "region_masks_from_boxes", "capture_reference_tokens",
+    "check_reference_latents", "latent_levels", "strength_array", "region_masks_from_boxes", "capture_reference_tokens",
     "encode_references", "fusion_forward", "fusion_loss", "fusion_state_dict_keys",
 ]

@@ -34,6 +34,21 @@ class SamplingConfig:
     height: int = 512  # image height in pixels (multiple of the VAE's downsampling factor)
     width: int = 512  # image width in pixels
     output: str = "uint8"  # "uint8" images in [0, 255] or "float" images in [-1, 1]
+    # With references (Face Fusion): how the reference branch enters guidance.
+    #   disentangled: eps = eps_none + s_text (eps_text - eps_none) + s_ref (eps_text+ref - eps_text)  (FlashFace;
+    #                 three predictions per step)
+    #   cfg:          eps = eps_none + s_text (eps_text+ref - eps_none)  (two predictions, like IP-Adapter pipelines)
+    reference_guidance: str = "disentangled"
+    reference_guidance_scale: float = 2.0  # s_ref of the disentangled form
+    reference_guidance_max_timestep: int | None = None  # apply s_ref only while t <= this (FlashFace's code: 750)
+
+    def __post_init__(self):
+        if self.reference_guidance not in ("disentangled", "cfg"):
+            raise ValueError(f"reference_guidance must be 'disentangled' or 'cfg', got {self.reference_guidance!r}")
+        if self.output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {self.output!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
 
 
 def _make_sampler(cfg: SamplingConfig, schedule: schedulers.NoiseSchedule):
@@ -83,29 +98,108 @@ def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingCo
     return latents
 
 
-def _text_to_image(models, input_ids, uncond_ids, noise, key, *, cfg: SamplingConfig, schedule):
+def identity_guided_prediction(unet, x_in, t, text_uncond, text_cond, context, cfg: SamplingConfig):
+    """The guided prediction of one step with references.
+
+    Rows that ignore the references (uncond, and text-only for the disentangled form) run as one batched base
+    call with `identity=None`, which skips the identity path; the text+reference rows run as a second call. (One
+    call with strength 0 on those rows would give the same numbers but pay the reference-token attention for
+    every row.)
+    """
+    if cfg.reference_guidance == "cfg":
+        eps_none = unet(x_in, t, text_uncond).astype(jnp.float32)
+        eps_ref = unet(x_in, t, text_cond, identity=context).astype(jnp.float32)
+        eps = eps_none + cfg.guidance_scale * (eps_ref - eps_none)
+    else:
+        base = unet(jnp.concatenate([x_in, x_in], axis=0), t, jnp.concatenate([text_uncond, text_cond], axis=0))
+        eps_none, eps_text = jnp.split(base.astype(jnp.float32), 2, axis=0)
+        eps_ref = unet(x_in, t, text_cond, identity=context).astype(jnp.float32)
+        s_ref = jnp.float32(cfg.reference_guidance_scale)
+        if cfg.reference_guidance_max_timestep is not None:
+            s_ref = jnp.where(t <= cfg.reference_guidance_max_timestep, s_ref, 0.0)
+        eps = eps_none + cfg.guidance_scale * (eps_text - eps_none) + s_ref * (eps_ref - eps_text)
+    if cfg.guidance_rescale > 0:
+        eps = schedulers.guidance_rescale(eps, eps_ref, cfg.guidance_rescale)
+    return eps
+
+
+def denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empty_text, ref_latents, identity_inputs,
+                            key, cfg: SamplingConfig, fusion_cfg, schedule):
+    """The sampler loop with Face Fusion references.
+
+    `fixed`: the reference branch runs once (references clean, empty prompt) and its per-layer tokens are reused
+    at every step. `current`: the references are noised to each step's timestep and re-encoded every step.
+    """
+    from fusion_jax.identity import fusion
+
+    strength, reference_valid, region_masks = identity_inputs
+
+    def encode(t=0, noise=None):
+        ctx = fusion.encode_references(unet, ref_latents, empty_text, fusion_cfg, timesteps=t, noise=noise,
+                                       schedule=schedule if noise is not None else None, strength=strength,
+                                       reference_valid=reference_valid, batch=latents.shape[0])
+        return ctx.replace(region_masks=region_masks)
+
+    fixed_context = encode() if fusion_cfg.reference_timestep == "fixed" else None
+    ref_key, step_key = jax.random.split(key)
+
+    def step(i, carry):
+        x, state = carry
+        t = sampler.timesteps[i]
+        if fixed_context is None:
+            ref_noise = jax.random.normal(jax.random.fold_in(ref_key, i), ref_latents.shape, jnp.float32)
+            context = encode(jnp.round(t).astype(jnp.int32), ref_noise.astype(ref_latents.dtype))
+        else:
+            context = fixed_context
+        x_in = sampler.scale_model_input(x, i)
+        eps = identity_guided_prediction(unet, x_in, t, text_uncond, text_cond, context, cfg)
+        return sampler.step(state, eps, x, i, step_key)
+
+    latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
+    return latents
+
+
+def encode_reference_images(vae, images):
+    """Reference crops (B, [K,] N, H, W, 3) in [-1, 1] -> scaled VAE latents (B, [K,] N, h, w, C) (posterior mean,
+    as the references are conditioning, not samples)."""
+    lead, (h, w, c) = images.shape[:-3], images.shape[-3:]
+    flat = images.reshape((-1, h, w, c))
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = (vae.encode(flat).mean - shift) * vae.config.scaling_factor
+    return latents.reshape(lead + latents.shape[1:])
+
+
+def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule, fusion_cfg):
     unet, vae, text_encoder = models
     sampler = _make_sampler(cfg, schedule)
-    text_cond = text_encoder(input_ids).last_hidden_state
-    text_uncond = text_encoder(uncond_ids).last_hidden_state
+    text_cond = text_encoder(inputs["input_ids"]).last_hidden_state
+    text_uncond = text_encoder(inputs["uncond_ids"]).last_hidden_state
     latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
-    latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg)
+    if "references" not in inputs:
+        latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg)
+    else:
+        empty_text = text_encoder(inputs["empty_ids"]).last_hidden_state
+        ref_latents = encode_reference_images(vae, inputs["references"].astype(jnp.float32))
+        identity_inputs = (inputs["strength"], inputs["reference_valid"], inputs.get("region_masks"))
+        latents = denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empty_text, ref_latents,
+                                          identity_inputs, key, cfg, fusion_cfg, schedule)
     return decode_latents(vae, latents, cfg.output)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdefs, cfg: SamplingConfig, schedule, mesh: Mesh | None):
+def _compiled(graphdefs, cfg: SamplingConfig, schedule, fusion_cfg, mesh: Mesh | None):
     """One jitted function per (model structure, settings, mesh); jax.jit then caches per input shape."""
 
-    def run(states, input_ids, uncond_ids, noise, key):
+    def run(states, inputs, noise, key):
         models = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, states))
-        return _text_to_image(models, input_ids, uncond_ids, noise, key, cfg=cfg, schedule=schedule)
+        return _text_to_image(models, inputs, noise, key, cfg=cfg, schedule=schedule, fusion_cfg=fusion_cfg)
 
     if mesh is None:
         return jax.jit(run)
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    return jax.jit(run, in_shardings=(replicated, batch, batch, batch, replicated), out_shardings=batch)
+    # every per-example input (ids, references, masks, strengths, noise) is split over `data`
+    return jax.jit(run, in_shardings=(replicated, batch, batch, replicated), out_shardings=batch)
 
 
 def generate(
@@ -117,12 +211,26 @@ def generate(
     uncond_ids=None,
     noise=None,
     mesh: Mesh | None = None,
+    references=None,
+    reference_valid=None,
+    strength=None,
+    boxes=None,
+    fusion_cfg=None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
 
     `noise` (B, h, w, C) is the initial latent noise (before the sampler's `init_noise_sigma`); by default it is
     drawn from `key` for the whole batch at once, so a batch gives the same images however it is sharded.
     With `mesh`, B must be divisible by the mesh's `data` axis.
+
+    Identity (Face Fusion; the UNet must have identity projections attached):
+      references: aligned reference crops in [-1, 1], (B, N, H, W, 3) for one person or (B, K, N, H, W, 3) for K
+        people; their tokens are concatenated per person.
+      reference_valid: (B, K, N) bool, False for padding references.
+      strength: identity strength, scalar / (K,) / (B, K) (default fusion_cfg.strength).
+      boxes: (B, K, 4) pixel boxes (x0, y0, x1, y1) of each person's region in the generated image; without
+        them every person is seen everywhere (use boxes whenever K > 1).
+      fusion_cfg: the `FusionConfig` the model was trained with.
     """
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -142,10 +250,56 @@ def generate(
         noise = jax.random.normal(noise_key, shape, jnp.float32)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} (batch, h, w, channels); got {tuple(noise.shape)}")
+    inputs = {"input_ids": input_ids, "uncond_ids": uncond_ids}
+    if references is not None:
+        fusion_cfg = _identity_inputs(pipeline, cfg, inputs, references, reference_valid, strength, boxes, fusion_cfg,
+                                      batch)
+    elif boxes is not None or reference_valid is not None:
+        raise ValueError("boxes / reference_valid given without references")
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     graphdefs, states = zip(*(nnx.split(m) for m in models))
-    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, mesh)
-    return fn(tuple(states), input_ids, uncond_ids, jnp.asarray(noise), step_key)
+    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, fusion_cfg, mesh)
+    return fn(tuple(states), inputs, jnp.asarray(noise), step_key)
+
+
+def _identity_inputs(pipeline, cfg, inputs, references, reference_valid, strength, boxes, fusion_cfg, batch):
+    """Validate the reference arguments on the host and add them to the jitted function's inputs."""
+    from fusion_jax.identity import fusion
+
+    fusion_cfg = fusion_cfg or fusion.FusionConfig()
+    if not any(block.attn2.has_identity_slot for block in pipeline.unet.transformer_blocks().values()):
+        raise ValueError("references given, but the UNet has no identity projections: load a trained Face Fusion "
+                         "model or call fusion_jax.identity.fusion.attach_identity_projections(unet, cfg) first")
+    refs = jnp.asarray(references, jnp.float32)
+    if refs.ndim == 5:
+        refs = refs[:, None]
+    if refs.ndim != 6 or refs.shape[-1] != 3 or refs.shape[0] != batch:
+        raise ValueError(f"references must be (B={batch}, N, H, W, 3) or (B, K, N, H, W, 3) images in [-1, 1]; "
+                         f"got shape {tuple(np.shape(references))}")
+    f = pipeline.vae_scale_factor
+    if refs.shape[3] % f or refs.shape[4] % f:
+        raise ValueError(f"references: crop size {refs.shape[3]}x{refs.shape[4]} must be a multiple of {f}")
+    k, n = refs.shape[1], refs.shape[2]
+    if reference_valid is None:
+        reference_valid = np.ones((batch, k, n), bool)
+    reference_valid = jnp.asarray(reference_valid, bool)
+    if reference_valid.shape != (batch, k, n):
+        raise ValueError(f"reference_valid must be (B, K, N)={(batch, k, n)}, got {reference_valid.shape}")
+    inputs.update(references=refs, reference_valid=reference_valid,
+                  strength=fusion.strength_array(fusion_cfg.strength if strength is None else strength, batch, k),
+                  empty_ids=jnp.asarray(pipeline.tokenizer([""] * batch), jnp.int32))
+    if boxes is not None:
+        boxes = np.asarray(boxes, np.float64)
+        if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must be (B={batch}, K, 4) pixel (x0, y0, x1, y1); got shape {boxes.shape}")
+        if boxes.shape[1] != k:
+            raise ValueError(f"boxes: {boxes.shape[1]} identity boxes for {k} reference sets; give one box per person")
+        latent = (cfg.height // f, cfg.width // f)
+        inputs["region_masks"] = fusion.region_masks_from_boxes(boxes, (cfg.height, cfg.width),
+                                                                fusion.latent_levels(pipeline.unet, *latent))
+    elif k > 1:
+        raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+    return fusion_cfg
 
 
 def tokenize(pipeline: Pipeline, prompts: list[str]) -> np.ndarray:

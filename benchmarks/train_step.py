@@ -39,6 +39,7 @@ class Row:
     batch_spec: dict  # name -> per-example shape (float32 synthetic data)
     batch_size: int  # global batch size
     train: TrainConfig  # optimizer / precision settings
+    timed: bool = True  # False: FLOPs and compile time only (a step too slow for this machine's CPU)
 
 
 ROWS: dict[str, Row] = {}
@@ -52,6 +53,40 @@ _TINY_TRAIN = TrainConfig(steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.999)
 register_row(Row("tiny", make_tiny_model, tiny_loss, BATCH_SPEC, 64, _TINY_TRAIN))
 register_row(Row("tiny_bf16", make_tiny_model, tiny_loss, BATCH_SPEC, 64, dataclasses.replace(_TINY_TRAIN, compute_dtype="bfloat16")))
 register_row(Row("tiny_accum4", make_tiny_model, tiny_loss, BATCH_SPEC, 64, dataclasses.replace(_TINY_TRAIN, grad_accum=4)))
+
+
+def face_fusion_row(name: str, preset: str, resolution: int, reference_size: int, batch_size: int,
+                    train: TrainConfig, *, num_references: int = 1, timed: bool = True) -> Row:
+    """A Face Fusion train step on an inline UNet preset (`fusion_jax.experiment.UNET_PRESETS`) with pre-encoded
+    synthetic inputs (VAE moments of `resolution` px targets / `reference_size` px references, text embeddings):
+    the reference pass through the shared UNet, the generated pass, and the backward of both."""
+    from fusion_jax.config import ExperimentConfig, load_config
+    from fusion_jax.experiment import PRESET_VAE_FACTOR, UNET_PRESETS, build_experiment
+
+    config = load_config(None, [f"model.unet_preset={preset}", "model.latents=preencoded", "data.source=synthetic",
+                                "objective.name=face_fusion", f"data.pipeline.resolution={resolution}",
+                                f"data.pipeline.reference_size={reference_size}",
+                                f"data.pipeline.num_references={num_references}"])
+    config = dataclasses.replace(config, train=train)
+    assert isinstance(config, ExperimentConfig)
+    exp = build_experiment(config)
+    unet = UNET_PRESETS[preset]()
+    h, hr, c = resolution // PRESET_VAE_FACTOR, reference_size // PRESET_VAE_FACTOR, unet.in_channels
+    spec = {"latent_mean": (h, h, c), "latent_logvar": (h, h, c), "reference_latent_mean": (num_references, hr, hr, c),
+            "reference_latent_logvar": (num_references, hr, hr, c),
+            "text_embedding": (config.model.text_length, unet.cross_attention_dims()[0])}
+    return Row(name, exp.model_factory, exp.loss_fn, spec, batch_size, train, timed)
+
+
+_FUSION_TRAIN = TrainConfig(steps=1000, lr=1e-4, warmup_steps=10, trainable="to_[kv]_ref")  # 'identity' mode
+register_row(face_fusion_row("fusion_tiny", "tiny", 128, 128, 8, _FUSION_TRAIN))  # 16x16 latents
+register_row(face_fusion_row("fusion_mid", "mid", 256, 128, 4, _FUSION_TRAIN))  # 32x32 latents, ~10M params
+# Headline: SD1.5-size UNet, 512x512 targets (64x64 latents), one 224 px reference (28x28 latents), bf16 compute
+# with fp32 master weights, the whole UNet trained (+ identity projections). Not timed on a CPU.
+register_row(face_fusion_row(
+    "sd15_fusion_bf16", "sd15", 512, 224, 1,
+    dataclasses.replace(_FUSION_TRAIN, trainable="all", compute_dtype="bfloat16", mu_dtype="bfloat16"),
+    timed=jax.default_backend() != "cpu"))
 
 
 def matmul_peak_flops(n: int = 8192, dtype=jnp.bfloat16, reps: int = 10) -> float:
@@ -87,6 +122,19 @@ def bench_row(row: Row, mesh_cfg: MeshConfig, steps: int, peak: float | None) ->
         flops = _flops(single.lower(batch_shapes).compile())
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     n_params += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.frozen))
+    result = {
+        "row": row.name,
+        "mesh": "x".join(str(v) for v in mesh.devices.shape),
+        "params": n_params,
+        "batch": row.batch_size,
+        "gflops_per_step_per_device": flops / 1e9,
+        "compile_s": compile_s,
+        "step_ms": None,
+        "examples_per_s": None,
+        "mfu": None,
+    }
+    if not row.timed:
+        return result
 
     state = trainer.init()
     batches = SyntheticBatches(row.batch_spec, row.batch_size, seed=0)
@@ -101,17 +149,8 @@ def bench_row(row: Row, mesh_cfg: MeshConfig, steps: int, peak: float | None) ->
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    result = {
-        "row": row.name,
-        "mesh": "x".join(str(v) for v in mesh.devices.shape),
-        "params": n_params,
-        "batch": row.batch_size,
-        "gflops_per_step_per_device": flops / 1e9,
-        "compile_s": compile_s,
-        "step_ms": step_s * 1e3,
-        "examples_per_s": row.batch_size / step_s,
-        "mfu": (flops / step_s) / peak if peak else None,
-    }
+    result.update(step_ms=step_s * 1e3, examples_per_s=row.batch_size / step_s,
+                  mfu=(flops / step_s) / peak if peak else None)
     return result
 
 
@@ -129,13 +168,17 @@ def main(argv: list[str]) -> int:
 
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({backend})"
     print(f"# train step, {device}" + (f", measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s/device" if peak else ""))
-    header = f"{'row':<14}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/dev':>12}{'compile s':>11}{'step ms':>10}{'ex/s':>10}{'MFU':>7}"
+    if peak is None:
+        print(f"# MFU not measurable: no GPU ({backend} backend); rows marked 'not timed' report FLOPs and compile only")
+    header = f"{'row':<18}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/dev':>12}{'compile s':>11}{'step ms':>10}{'ex/s':>10}{'MFU':>7}"
     print(header)
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        timing = (f"{r['step_ms']:>10.2f}{r['examples_per_s']:>10.1f}" if r["step_ms"] is not None
+                  else f"{'not timed':>20}")
         print(
-            f"{r['row']:<14}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}{r['gflops_per_step_per_device']:>12.4f}"
-            f"{r['compile_s']:>11.2f}{r['step_ms']:>10.2f}{r['examples_per_s']:>10.1f}{mfu:>7}"
+            f"{r['row']:<18}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}{r['gflops_per_step_per_device']:>12.4f}"
+            f"{r['compile_s']:>11.2f}{timing}{mfu:>7}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -63,3 +63,54 @@ def save_grid(path: Path, images: Sequence[np.ndarray], columns: int | None = No
     from PIL import Image
 
     Image.fromarray(make_grid(images, columns)).save(path)
+
+
+def attach_identity_modules(pipeline, identity_weights: str | Path | None, dtype: str = "float32",
+                            fusion_cfg=None, flag: str = "--identity-weights"):
+    """Give the pipeline's UNet Face Fusion identity projections; returns (pipeline, FusionConfig, trained).
+
+    With `identity_weights` (a `train/export.py` folder, or its `identity/` subfolder): the exported UNet (when the
+    folder has `unet/`, so LoRA / fully trained runs come back whole) with its identity modules, checked to have the
+    pipeline UNet's architecture. Without: fresh, untrained projections from `fusion_cfg` (default FusionConfig()).
+    """
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from fusion_jax import experiment
+    from fusion_jax.identity import fusion
+
+    if identity_weights is None:
+        cfg = fusion_cfg or fusion.FusionConfig()
+        fusion.attach_identity_projections(pipeline.unet, cfg)
+        return pipeline, cfg, False
+    folder = Path(identity_weights)
+    root = folder.parent if folder.name == experiment.IDENTITY_DIR else folder
+    if not (root / experiment.IDENTITY_DIR / experiment.IDENTITY_CONFIG).is_file():
+        raise SystemExit(f"{flag} {identity_weights}: no {experiment.IDENTITY_DIR}/{experiment.IDENTITY_CONFIG} there "
+                         "(expected a folder written by train/export.py)")
+    try:
+        if (root / "unet" / "config.json").is_file():
+            unet = experiment.load_face_fusion_unet(root, dtype=jnp.dtype(dtype))
+            base, ours = pipeline.unet.config.to_dict(), unet.config.to_dict()
+            if base != ours:
+                diff = sorted(k for k in set(base) | set(ours) if base.get(k) != ours.get(k))
+                raise SystemExit(f"{flag} {identity_weights}: the exported UNet differs from --model's UNet in "
+                                 f"{diff[:8]}; export and base model must match")
+            pipeline = dataclasses.replace(pipeline, unet=unet)
+            with open(root / experiment.IDENTITY_DIR / experiment.IDENTITY_CONFIG) as f:
+                cfg = _fusion_config(json.load(f))
+        else:
+            cfg = experiment.load_identity_modules(pipeline.unet, root)
+    except (ValueError, OSError, KeyError) as e:
+        raise SystemExit(f"{flag} {identity_weights}: cannot load the identity modules ({e})") from e
+    return pipeline, cfg, True
+
+
+def _fusion_config(meta: dict):
+    from fusion_jax.identity import fusion
+
+    raw = dict(meta.get("fusion") or {})
+    if "blocks" in raw:
+        raw["blocks"] = tuple(raw["blocks"])
+    return fusion.FusionConfig(**raw)

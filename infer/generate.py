@@ -1,12 +1,25 @@
-"""Batch text-to-image from the command line.
+"""Batch text-to-image (optionally with reference faces: Face Fusion) from the command line.
 
     python infer/generate.py --model PATH --prompt "a photo of an astronaut" --out out/
     python infer/generate.py --model tiny --prompts prompts.jsonl --steps 4 --out out/
+    python infer/generate.py --model PATH --identity-weights EXPORT --reference me1.jpg --reference me2.jpg \
+        --prompt "a photo of a person in a garden" --out out/
+    python infer/generate.py --model PATH --identity-weights EXPORT --reference 0:ann.jpg --reference 1:bob.jpg \
+        --identity-box 0,64,256,448 --identity-box 256,64,512,448 --reference-strength 1.0,0.8 \
+        --prompt "two people on a bench" --out out/
 
 `--model` is a diffusers pipeline folder, a Hugging Face cache entry or repo id already in the local cache
 (nothing is downloaded), or `tiny`: a tiny randomly initialised pipeline that the project writes itself (the
 images are noise-like; it shows the whole path running). Every PNG stores its generation settings in its
 metadata (key `fusion_jax`), and `grid.png` tiles the batch.
+
+References: `--reference [ID:]PATH` (repeatable; ID is the 0-based person index, default 0; several photos of one
+person are concatenated). Each photo's largest face is detected (insightface models from `--face-models`, else
+OpenCV's Haar cascade) and aligned to a `--reference-size` crop (saved under OUT/references/). With several people,
+`--identity-box x0,y0,x1,y1` (pixels of the generated image, one per person, in ID order) says where each goes.
+The identity modules come from `--identity-weights` (a `train/export.py` folder); without it, fresh untrained
+projections are attached (a warning says so; useful only to run the path). Every reference setting (photos, face
+boxes, identity boxes, strengths, guidance) is stored in the PNG metadata.
 """
 
 from __future__ import annotations
@@ -38,6 +51,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    r = p.add_argument_group("reference faces (Face Fusion)")
+    r.add_argument("--reference", action="append", default=[], metavar="[ID:]PATH",
+                   help="reference photo of person ID (0-based, default 0); repeatable")
+    r.add_argument("--identity-box", action="append", default=[], metavar="x0,y0,x1,y1",
+                   help="region of person ID (in order) in the generated image, pixels; one per person")
+    r.add_argument("--reference-strength", action="append", default=[], metavar="S[,S...]",
+                   help="identity strength: one value, or one per person (default: the model's)")
+    r.add_argument("--reference-guidance", type=float, default=2.0, help="reference guidance scale s_ref")
+    r.add_argument("--guidance-form", default="disentangled", choices=["disentangled", "cfg"],
+                   help="disentangled: uncond/text/text+ref (3 predictions per step); cfg: uncond vs text+ref (2)")
+    r.add_argument("--reference-max-timestep", type=int, default=None,
+                   help="apply reference guidance only while t <= this (disentangled form)")
+    r.add_argument("--identity-weights", type=Path, default=None, help="identity modules exported by train/export.py")
+    r.add_argument("--face-models", default=None,
+                   help="insightface model folder (default ~/.insightface/models/buffalo_l; else OpenCV Haar)")
+    r.add_argument("--reference-size", type=int, default=None,
+                   help="reference crop side in pixels (default: the generated image size)")
+    r.add_argument("--reference-margin", type=float, default=0.4,
+                   help="crop margin around the aligned face (the training crops use 0.4)")
     return p.parse_args(argv)
 
 
@@ -60,8 +92,108 @@ def read_prompts(args) -> list[dict]:
     return items
 
 
+def check_reference_args(args) -> tuple[list, list, list]:
+    """Syntax of the reference flags (before anything is loaded): (groups, boxes, strengths)."""
+    from fusion_jax import references as refs
+
+    try:
+        groups = refs.group_references(args.reference)
+        boxes = [refs.parse_box(b) for b in args.identity_box]
+        strengths = refs.parse_strengths(args.reference_strength)
+    except refs.ReferenceError as e:
+        raise SystemExit(str(e)) from None
+    if not groups:
+        for flag, value in (("--identity-box", args.identity_box), ("--reference-strength", args.reference_strength),
+                            ("--identity-weights", args.identity_weights), ("--reference-size", args.reference_size),
+                            ("--reference-max-timestep", args.reference_max_timestep)):
+            if value:
+                raise SystemExit(f"{flag} given without any --reference photo")
+    try:  # counts now (before anything loads); the bounds once the image size is known
+        refs.check_boxes(boxes, len(groups))
+        if groups:
+            refs.strengths_per_identity(strengths, len(groups), 1.0)
+    except refs.ReferenceError as e:
+        raise SystemExit(str(e)) from None
+    if args.identity_weights is not None:
+        folder = Path(args.identity_weights)
+        if not any((f / "identity" / "identity_config.json").is_file() for f in (folder, folder.parent)):
+            raise SystemExit(f"--identity-weights {folder}: no identity/identity_config.json there (expected a "
+                             "folder written by train/export.py)")
+    if args.reference_size is not None and args.reference_size <= 0:
+        raise SystemExit(f"--reference-size must be a positive number of pixels, got {args.reference_size}")
+    if args.reference_margin < 0:
+        raise SystemExit(f"--reference-margin must be >= 0, got {args.reference_margin}")
+    if args.face_models is not None:
+        from fusion_jax.data.faces import find_insightface_models
+
+        if not find_insightface_models(args.face_models):
+            raise SystemExit(f"--face-models {args.face_models}: no insightface *.onnx models in that folder")
+    return groups, boxes, strengths
+
+
+def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
+    """Photos -> aligned crops, checked boxes and strengths, identity modules on the UNet.
+
+    Returns (pipeline, identity inputs for one row, metadata dict)."""
+    import dataclasses
+    import warnings
+
+    from fusion_jax import references as refs
+    from fusion_jax.data.faces import DEFAULT_MODEL_DIR, FaceAnalyzer, FaceAnalyzerConfig
+
+    num_ids = len(groups)
+    try:
+        box_array = refs.check_boxes(boxes, num_ids, cfg.height, cfg.width)
+    except refs.ReferenceError as e:
+        raise SystemExit(str(e)) from None
+    size = args.reference_size or max(cfg.height, cfg.width)
+    f = pipeline.vae_scale_factor
+    if size % f:
+        raise SystemExit(f"--reference-size {size}: must be a multiple of the VAE's downsampling factor {f}")
+    analyzer = FaceAnalyzer(FaceAnalyzerConfig(model_dir=args.face_models or DEFAULT_MODEL_DIR))
+    try:
+        ref_set = refs.reference_set(groups, analyzer, size, args.reference_margin)
+    except refs.ReferenceError as e:
+        raise SystemExit(str(e)) from None
+    pipeline, fusion_cfg, trained = cli_utils.attach_identity_modules(pipeline, args.identity_weights, args.dtype)
+    if not trained:
+        warnings.warn("references given without --identity-weights: the identity modules are fresh and UNTRAINED "
+                      "(the references will not produce a likeness; export a trained run with train/export.py)",
+                      stacklevel=2)
+    try:
+        strength = refs.strengths_per_identity(strengths, num_ids, fusion_cfg.strength)
+    except refs.ReferenceError as e:
+        raise SystemExit(str(e)) from None
+    crops_dir = args.out / "references"
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    for (k, n, crop), record in zip(ref_set.uint8_crops(), ref_set.records):  # both in (identity, index) order
+        cli_utils.save_png(crops_dir / f"id{k}_{n}.png", crop, record)
+    identity = {"references": ref_set.crops, "reference_valid": ref_set.valid, "strength": strength,
+                "boxes": box_array, "fusion_cfg": fusion_cfg}
+    meta = {"references": ref_set.records, "identity_boxes": None if box_array is None else box_array.tolist(),
+            "reference_strength": strength.tolist(), "reference_size": size,
+            "identity_weights": str(args.identity_weights) if trained else "untrained (fresh projections)",
+            "fusion": dataclasses.asdict(fusion_cfg), "face_detector": analyzer.backend}
+    return pipeline, identity, meta
+
+
+def _batch_identity(identity, batch: int) -> dict:
+    """One row's identity inputs -> `sampling.generate` keyword arguments for `batch` rows."""
+    import numpy as np
+
+    if identity is None:
+        return {}
+    rows = lambda a: np.broadcast_to(a[None], (batch,) + a.shape)  # noqa: E731
+    return {"references": rows(identity["references"]), "reference_valid": rows(identity["reference_valid"]),
+            "strength": rows(identity["strength"]),
+            "boxes": None if identity["boxes"] is None else rows(identity["boxes"]),
+            "fusion_cfg": identity["fusion_cfg"]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    groups, boxes, strengths = check_reference_args(args)
+    items = read_prompts(args)
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -70,16 +202,25 @@ def main(argv=None) -> int:
 
     pipeline = cli_utils.load_pipeline_arg(args.model, args.dtype)
     sample = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    cfg = sampling.SamplingConfig(
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale,
-        scheduler=args.scheduler,
-        height=args.height or sample,
-        width=args.width or sample,
-    )
-    jobs = [(item, k) for item in read_prompts(args) for k in range(args.num_images)]
+    try:
+        cfg = sampling.SamplingConfig(
+            num_steps=args.steps,
+            guidance_scale=args.guidance,
+            guidance_rescale=args.guidance_rescale,
+            scheduler=args.scheduler,
+            height=args.height or sample,
+            width=args.width or sample,
+            reference_guidance=args.guidance_form,
+            reference_guidance_scale=args.reference_guidance,
+            reference_guidance_max_timestep=args.reference_max_timestep,
+        )
+    except ValueError as e:
+        raise SystemExit(f"bad sampling settings: {e}") from None
     args.out.mkdir(parents=True, exist_ok=True)
+    identity, identity_meta = None, {}
+    if groups:
+        pipeline, identity, identity_meta = prepare_references(args, pipeline, cfg, groups, boxes, strengths)
+    jobs = [(item, k) for item in items for k in range(args.num_images)]
     images, names = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch"):
         chunk = jobs[start : start + args.batch_size]
@@ -93,12 +234,14 @@ def main(argv=None) -> int:
             uncond_ids=sampling.tokenize(pipeline, negatives),
             key=key,
             cfg=cfg,
+            **_batch_identity(identity, args.batch_size),
         )
         batch = np.asarray(batch)[: len(chunk)]
         for (item, k), image in zip(chunk, batch):
             index = len(names)
             settings = {**vars(args), "prompt": item["prompt"], "negative_prompt": item["negative_prompt"],
-                        "batch_start": start, "image_in_batch": index - start, "sampling": cfg.__dict__}
+                        "batch_start": start, "image_in_batch": index - start, "sampling": cfg.__dict__,
+                        **identity_meta}
             name = f"{index:05d}.png"
             cli_utils.save_png(args.out / name, image, settings)
             images.append(image)

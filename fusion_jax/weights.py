@@ -411,35 +411,38 @@ def load_vae(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "vae
                            allow_pickle=allow_pickle, variant=variant, rename=rename_legacy_vae_keys)
 
 
+def _load_clip_tower(path, subfolder, tower: str, *, dtype, param_dtype, allow_pickle, variant):
+    """A transformers CLIP text or vision tower folder -> our module (with projection if `architectures` says so).
+
+    transformers 5 saves a plain CLIPTextModel / CLIPVisionModel without the `text_model.` / `vision_model.`
+    level; Stable Diffusion checkpoints keep it. Both load.
+    """
+    from fusion_jax.models import clip
+
+    text = tower == "text_model"
+    folder = component_dir(path, subfolder)
+    raw = read_config(folder)
+    config = (clip.CLIPTextConfig if text else clip.CLIPVisionConfig).from_dict(raw)
+    with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
+    classes = {(True, False): clip.CLIPTextModel, (True, True): clip.CLIPTextModelWithProjection,
+               (False, False): clip.CLIPVisionModel, (False, True): clip.CLIPVisionModelWithProjection}
+    return _load_component(folder, config, classes[text, with_projection], TRANSFORMERS_WEIGHTS, dtype=dtype,
+                           param_dtype=param_dtype, allow_pickle=allow_pickle, variant=variant,
+                           ignore=_TEXT_ENCODER_IGNORED, rename=lambda t: clip.add_tower_prefix(t, tower))
+
+
 def load_text_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "text_encoder",
                       allow_pickle: bool = False, variant: str | None = None):
     """A transformers CLIPTextModel(WithProjection) folder -> our text encoder (class from `architectures`)."""
-    from fusion_jax.models import clip
-
-    folder = component_dir(path, subfolder)
-    raw = read_config(folder)
-    config = clip.CLIPTextConfig.from_dict(raw)
-    with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
-    model_cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
-    # transformers 5 saves a plain CLIPTextModel without the `text_model.` level; SD checkpoints keep it.
-    return _load_component(folder, config, model_cls, TRANSFORMERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
-                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED,
-                           rename=lambda t: clip.add_tower_prefix(t, "text_model"))
+    return _load_clip_tower(path, subfolder, "text_model", dtype=dtype, param_dtype=param_dtype,
+                            allow_pickle=allow_pickle, variant=variant)
 
 
 def load_vision_encoder(path, *, dtype=jnp.float32, param_dtype=None, subfolder: str = "image_encoder",
                         allow_pickle: bool = False, variant: str | None = None):
     """A transformers CLIPVisionModel(WithProjection) folder -> our vision tower (FaceStudio's style encoder)."""
-    from fusion_jax.models import clip
-
-    folder = component_dir(path, subfolder)
-    raw = read_config(folder)
-    config = clip.CLIPVisionConfig.from_dict(raw)
-    with_projection = any("WithProjection" in a for a in raw.get("architectures") or ())
-    model_cls = clip.CLIPVisionModelWithProjection if with_projection else clip.CLIPVisionModel
-    return _load_component(folder, config, model_cls, TRANSFORMERS_WEIGHTS, dtype=dtype, param_dtype=param_dtype,
-                           allow_pickle=allow_pickle, variant=variant, ignore=_TEXT_ENCODER_IGNORED,
-                           rename=lambda t: clip.add_tower_prefix(t, "vision_model"))
+    return _load_clip_tower(path, subfolder, "vision_model", dtype=dtype, param_dtype=param_dtype,
+                            allow_pickle=allow_pickle, variant=variant)
 
 
 def load_schedule(path, subfolder: str = "scheduler"):

@@ -82,8 +82,9 @@ def decode_latents(vae, latents, output: str):
     return images
 
 
-def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingConfig):
-    """The sampler loop with classifier-free guidance: one batched UNet call (uncond + text) per step."""
+def denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg: SamplingConfig):
+    """The body of `denoise`'s loop, `(i, (x, state)) -> (x, state)`: one guided step (also used to count the
+    FLOPs of one step, as XLA's cost analysis counts a loop body once)."""
     context = jnp.concatenate([text_uncond, text_cond], axis=0)
 
     def step(i, carry):
@@ -94,6 +95,12 @@ def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingCo
         eps = guided_prediction(eps_uncond, eps_text, cfg.guidance_scale, cfg.guidance_rescale)
         return sampler.step(state, eps, x, i, key)  # the sampler folds i into the key itself
 
+    return step
+
+
+def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingConfig):
+    """The sampler loop with classifier-free guidance: one batched UNet call (uncond + text) per step."""
+    step = denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg)
     latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents
 
@@ -123,13 +130,8 @@ def identity_guided_prediction(unet, x_in, t, text_uncond, text_cond, context, c
     return eps
 
 
-def denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empty_text, ref_latents, identity_inputs,
-                            key, cfg: SamplingConfig, fusion_cfg, schedule):
-    """The sampler loop with Face Fusion references.
-
-    `fixed`: the reference branch runs once (references clean, empty prompt) and its per-layer tokens are reused
-    at every step. `current`: the references are noised to each step's timestep and re-encoded every step.
-    """
+def reference_encoder(unet, ref_latents, empty_text, identity_inputs, fusion_cfg, schedule, batch: int):
+    """`encode(t=0, noise=None) -> IdentityContext`: the reference branch of `denoise_with_references`."""
     from fusion_jax.identity import fusion
 
     strength, reference_valid, region_masks = identity_inputs
@@ -137,10 +139,16 @@ def denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empt
     def encode(t=0, noise=None):
         ctx = fusion.encode_references(unet, ref_latents, empty_text, fusion_cfg, timesteps=t, noise=noise,
                                        schedule=schedule if noise is not None else None, strength=strength,
-                                       reference_valid=reference_valid, batch=latents.shape[0])
+                                       reference_valid=reference_valid, batch=batch)
         return ctx.replace(region_masks=region_masks)
 
-    fixed_context = encode() if fusion_cfg.reference_timestep == "fixed" else None
+    return encode
+
+
+def reference_step_fn(unet, sampler, text_uncond, text_cond, encode, fixed_context, ref_latents, key,
+                      cfg: SamplingConfig):
+    """The body of `denoise_with_references`' loop, `(i, (x, state)) -> (x, state)`: one guided step with
+    references (`fixed_context` from `encode()` for `fixed`, None for `current`: re-encoded at step i)."""
     ref_key, step_key = jax.random.split(key)
 
     def step(i, carry):
@@ -155,6 +163,19 @@ def denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empt
         eps = identity_guided_prediction(unet, x_in, t, text_uncond, text_cond, context, cfg)
         return sampler.step(state, eps, x, i, step_key)
 
+    return step
+
+
+def denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empty_text, ref_latents, identity_inputs,
+                            key, cfg: SamplingConfig, fusion_cfg, schedule):
+    """The sampler loop with Face Fusion references.
+
+    `fixed`: the reference branch runs once (references clean, empty prompt) and its per-layer tokens are reused
+    at every step. `current`: the references are noised to each step's timestep and re-encoded every step.
+    """
+    encode = reference_encoder(unet, ref_latents, empty_text, identity_inputs, fusion_cfg, schedule, latents.shape[0])
+    fixed_context = encode() if fusion_cfg.reference_timestep == "fixed" else None
+    step = reference_step_fn(unet, sampler, text_uncond, text_cond, encode, fixed_context, ref_latents, key, cfg)
     latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents
 

@@ -37,6 +37,8 @@ class ConvNetConfig:
     input_size: int = 48  # images are resized (antialiased) to this side before the network
     widths: tuple[int, ...] = (32, 64, 96)  # channels of each stride-2 stage (one stage per entry)
     out_features: int = 128  # width of the output vector (embedding size, or logits for a reader)
+    pooling: str = "flatten"  # "flatten" keeps where features are (a mark's side); "mean" is translation-invariant
+    center_crop: float = 1.0  # fraction of the image side kept around the centre before resizing (the face)
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_size, int) or self.input_size < 2 ** len(self.widths):
@@ -45,6 +47,10 @@ class ConvNetConfig:
             raise ValueError(f"widths must be a non-empty tuple of positive ints, got {self.widths!r}")
         if not isinstance(self.out_features, int) or self.out_features < 1:
             raise ValueError(f"out_features must be a positive int, got {self.out_features!r}")
+        if not 0 < self.center_crop <= 1:
+            raise ValueError(f"center_crop must be in (0, 1], got {self.center_crop!r}")
+        if self.pooling not in ("flatten", "mean"):
+            raise ValueError(f"pooling must be 'flatten' or 'mean', got {self.pooling!r}")
 
 
 class ConvNet(nnx.Module):
@@ -64,19 +70,24 @@ class ConvNet(nnx.Module):
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
         side = config.input_size // 2 ** len(config.widths)
-        self.head = nnx.Linear(side * side * channels, config.out_features, rngs=rngs)
+        pooled = side * side * channels if config.pooling == "flatten" else channels
+        self.head = nnx.Linear(pooled, config.out_features, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = prepare_images(images, self.config.input_size)
+        x = prepare_images(images, self.config.input_size, self.config.center_crop)
         x = jax.nn.gelu(self.stem(x))
         for conv, norm in zip(self.convs, self.norms):
             x = jax.nn.gelu(norm(conv(x)))
-        return self.head(x.reshape(x.shape[0], -1))
+        pooled = x.reshape(x.shape[0], -1) if self.config.pooling == "flatten" else x.mean(axis=(1, 2))
+        return self.head(pooled)
 
 
-def prepare_images(images: jax.Array, size: int) -> jax.Array:
-    """[0, 255] images of any side -> float32 in [-1, 1] at size x size (antialiased bilinear resize)."""
-    x = images.astype(jnp.float32) / 127.5 - 1.0
+def prepare_images(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
+    """[0, 255] images of any side -> central crop -> float32 in [-1, 1] at size x size (antialiased resize)."""
+    height, width = images.shape[1:3]
+    keep_h, keep_w = max(1, round(height * center_crop)), max(1, round(width * center_crop))
+    top, left = (height - keep_h) // 2, (width - keep_w) // 2
+    x = images[:, top:top + keep_h, left:left + keep_w].astype(jnp.float32) / 127.5 - 1.0
     if x.shape[1:3] != (size, size):
         x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear", antialias=True)
     return x
@@ -440,17 +451,18 @@ class SynthMetricSetup:
     """Data and model sizes of the synthetic-face metric models (defaults: about a minute each, 2 CPU cores)."""
 
     faces: synthfaces.SynthFaceConfig = synthfaces.SynthFaceConfig()  # the dataset (and its held-out split)
-    train_identities: int = 500  # first identities of the train split used to train embedder and reader
-    train_photos: int = 12  # photos 0 .. n-1 of each of them
+    train_identities: int = 300  # first identities of the train split used to train embedder and reader
+    train_photos: int = 20  # photos 0 .. n-1 of each (many photos per person generalise better than many people)
     eval_identities: int = 200  # identities for the threshold (train split, unseen photos) and the test (held out)
     eval_photos: int = 4  # photos per evaluation identity
     verification_pairs: int = 2000  # same pairs and as many different pairs, for threshold and test each
-    embedder_net: ConvNetConfig = ConvNetConfig()  # identity embedder architecture
-    embedder_train: TrainConfig = TrainConfig()  # identity embedder optimisation
+    embedder_net: ConvNetConfig = ConvNetConfig(
+        input_size=32, widths=(32, 64, 128), center_crop=0.6)  # identity embedder: sees the central face region
+    embedder_train: TrainConfig = TrainConfig(steps=400)  # identity embedder optimisation (longer overfits)
     margin: float = 0.2  # CosFace margin
     scale: float = 16.0  # CosFace logit scale
     reader_net: ConvNetConfig = ConvNetConfig(out_features=_OFFSETS[-1])  # attribute reader architecture
-    reader_train: TrainConfig = TrainConfig()  # attribute reader optimisation
+    reader_train: TrainConfig = TrainConfig(steps=400)  # attribute reader optimisation
 
     def __post_init__(self) -> None:
         if not 2 <= self.train_identities <= self.faces.num_train_identities:

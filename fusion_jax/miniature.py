@@ -1,0 +1,573 @@
+"""Miniature Face Fusion on synthetic faces: a pixel-space text-to-image base model, Face Fusion on top of it,
+sampling with 0 / 1 / 4 references and the exact synthetic-face metrics. Library of `infer/quickstart.py` and
+`infer/evaluate.py`.
+
+Why pixel space: the project's tiny VAE is random (nothing here can train or download a VAE), so its latents are
+not decodable images; a pixel-space UNet at 32x32 has no autoencoder to learn first, and its loss is the image
+itself. `PixelCodec` stands in for the VAE (identity encode / decode, scale factor 1) so the project's own
+jitted sampler (`sampling.generate`, Face Fusion guidance included) runs unchanged.
+
+The recipe (as the real one fine-tunes Stable Diffusion):
+  1. `write_miniature_pipeline`: a diffusers-layout folder holding a small random 3-channel UNet, a frozen random
+     text encoder over a word-level tokenizer of the synthfaces caption vocabulary (one token per caption word,
+     so the random frozen encoder keeps words apart), the tiny VAE (only read for its config) and a scheduler.
+  2. text-to-image training of the whole UNet on synthfaces (`configs/synthfaces/text_to_image.yaml`).
+  3. `export_base_pipeline`: the trained base UNet is written into a copy of the pipeline folder; the Face Fusion
+     run (`configs/synthfaces/face_fusion.yaml`) points `model.pipeline` at it, so it starts from the base weights
+     and trains only the identity projections (`train.trainable: identity`), references = other photos of the
+     same identity. No change to `experiment.py` was needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fusion_jax import weights
+from fusion_jax.data import synthfaces
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline folder
+# ----------------------------------------------------------------------------------------------------------------
+
+TEXT_LENGTH = 32  # token context of the miniature text encoder (captions are at most ~20 word tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniatureModelConfig:
+    """Sizes of the miniature pixel-space pipeline."""
+
+    image_size: int = 32  # generated image side (pixels); the UNet runs on pixels
+    widths: tuple[int, ...] = (32, 64, 64)  # UNet channels per resolution (32, 16, 8 px at image_size 32)
+    text_width: int = 64  # text encoder width = the UNet's cross-attention dim
+    text_layers: int = 2  # text encoder transformer layers (random, frozen)
+    heads: int = 4  # attention heads in the UNet cross-attention blocks
+    seed: int = 0  # seed of the random initial weights
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word the synthfaces captions use (lowercase, punctuation split off)."""
+    words = set("a person with on background".split())
+    for phrase in list(synthfaces._EXPRESSION_PHRASES.values()) + list(synthfaces._GAZE_PHRASES.values()):
+        words.update(phrase.split())
+    words.update(synthfaces.BACKGROUND_COLOURS)
+    words.update(synthfaces.BACKGROUND_PATTERNS)
+    return sorted(words)
+
+
+def _word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges that build each word left to right into one `word</w>` token (shared prefixes merged once)."""
+    from fusion_jax.tiny import bytes_to_unicode
+
+    byte_map = bytes_to_unicode()
+    merges, seen = [], set()
+    for word in words:
+        symbols = [byte_map[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        current = symbols[0]
+        for sym in symbols[1:]:
+            pair = (current, sym)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            current = current + sym
+    return merges
+
+
+def write_word_tokenizer(folder: str | os.PathLike, words: Sequence[str], context: int = TEXT_LENGTH) -> Path:
+    """A CLIP BPE tokenizer folder whose merges make each of `words` one token (other text stays byte-wise)."""
+    from fusion_jax.tiny import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    merges = _word_merges(words)
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens = list(dict.fromkeys(tokens)) + [BOS_TOKEN, EOS_TOKEN]
+    with open(folder / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    with open(folder / "special_tokens_map.json", "w") as f:
+        json.dump(special, f, indent=2)
+    with open(folder / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": context, "do_lower_case": True,
+                   **special}, f, indent=2)
+    return folder
+
+
+def miniature_unet_config(cfg: MiniatureModelConfig):
+    """3-channel pixel UNet: a plain ResNet level at full resolution, cross-attention at the lower ones."""
+    from fusion_jax.models.unet import UNetConfig
+
+    n = len(cfg.widths)
+    return UNetConfig(
+        sample_size=cfg.image_size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.widths),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=cfg.text_width, attention_head_dim=cfg.heads,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+    )
+
+
+def write_miniature_pipeline(path: str | os.PathLike, cfg: MiniatureModelConfig = MiniatureModelConfig()) -> Path:
+    """Writes the miniature pipeline folder (diffusers layout) once; an existing complete folder is kept."""
+    from fusion_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from fusion_jax.models.unet import UNet2DConditionModel
+    from fusion_jax.models.vae import AutoencoderKL
+    from fusion_jax.schedulers import NoiseSchedule
+    from fusion_jax.tiny import BOS_TOKEN, EOS_TOKEN, _random_model, _write_json, tiny_vae_config
+
+    root = Path(path)
+    if (root / "model_index.json").is_file():
+        return root
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"miniature pipeline path {str(root)!r} exists and is not a folder")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_dir = write_word_tokenizer(tmp / "tokenizer", caption_vocabulary())
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=cfg.text_width, intermediate_size=2 * cfg.text_width,
+        projection_dim=cfg.text_width, num_hidden_layers=cfg.text_layers, num_attention_heads=4,
+        max_position_embeddings=TEXT_LENGTH, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=vocab[EOS_TOKEN])
+    text_encoder = _random_model(lambda: CLIPTextModel(text_config, rngs=nnx.Rngs(0)), cfg.seed)
+    # Random frozen encoder: word embeddings ~ N(0, 1) (not CLIP's 0.02) so words dominate positions and stay apart.
+    emb = text_encoder.text_model.embeddings.token_embedding.embedding
+    emb.set_value(emb.get_value() * 50.0)
+    vae = _random_model(lambda: AutoencoderKL(tiny_vae_config(), rngs=nnx.Rngs(0)), cfg.seed + 1)
+    unet = _random_model(lambda: UNet2DConditionModel(miniature_unet_config(cfg), rngs=nnx.Rngs(0)), cfg.seed + 2)
+    weights.save_text_encoder(text_encoder, tmp / "text_encoder")
+    weights.save_vae(vae, tmp / "vae")
+    weights.save_unet(unet, tmp / "unet")
+    _write_json(tmp / "scheduler" / "scheduler_config.json",
+                {"_class_name": "DDIMScheduler", **NoiseSchedule().to_diffusers_config()})
+    _write_json(tmp / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "fusion_jax_miniature": dataclasses.asdict(cfg)})
+    shutil.rmtree(root, ignore_errors=True)
+    os.rename(tmp, root)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel "VAE" and pipelines for sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelCodecConfig:
+    """What the sampler reads from a VAE config: downsampling 1, no scaling or shift."""
+
+    block_out_channels: tuple[int, ...] = (3,)  # one level: vae_scale_factor = 1
+    scaling_factor: float = 1.0  # latents are the pixels
+    shift_factor: Optional[float] = None  # no shift
+    downscale_factor: int = 1  # pixels per latent
+
+
+@dataclasses.dataclass
+class _Posterior:
+    mean: jax.Array
+
+
+class PixelCodec(nnx.Module):
+    """The identity 'VAE' of a pixel-space model: encode(x).mean = x, decode(z) = z."""
+
+    def __init__(self):
+        self.config = PixelCodecConfig()
+
+    def encode(self, images: jax.Array) -> _Posterior:
+        return _Posterior(images)
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return latents
+
+
+def pixel_pipeline(pipeline_dir: str | os.PathLike, unet: nnx.Module) -> weights.Pipeline:
+    """A `weights.Pipeline` for `sampling.generate`: `unet` (trained) with the folder's text encoder, tokenizer and
+    schedule, and `PixelCodec` in place of the VAE."""
+    from fusion_jax.tokenizer import load_tokenizer
+
+    return weights.Pipeline(unet=unet, vae=PixelCodec(), text_encoder=weights.load_text_encoder(pipeline_dir),
+                            tokenizer=load_tokenizer(Path(pipeline_dir) / "tokenizer"),
+                            schedule=weights.load_schedule(pipeline_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def restore_model(workdir: str, use_ema: bool = True):
+    """(TrainModel with the newest checkpoint's params, its resolved config, step) of a finished run."""
+    from fusion_jax.config import ConfigError, MeshConfig, load_config
+    from fusion_jax.experiment import build_experiment
+    from fusion_jax.parallel import make_mesh
+    from fusion_jax.training import Checkpointer, Trainer
+
+    config_path = os.path.join(workdir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{workdir}: no config.yaml (not a training run directory)")
+    config = load_config(config_path)
+    exp = build_experiment(config)
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    trainer = Trainer(exp.model_factory, exp.loss_fn, config.train, mesh, trainable=exp.trainable)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                dataclasses.replace(config.checkpoint, async_save=False))
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ConfigError(f"{workdir}/checkpoints: no checkpoint")
+        state, _, _ = checkpointer.restore(trainer.abstract_state_for(mesh), step)
+    finally:
+        checkpointer.close()
+    return trainer.model(state, use_ema=use_ema), config, step
+
+
+def finished_step(workdir: str) -> Optional[int]:
+    """Newest checkpoint step under WORKDIR/checkpoints (None when there is none)."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+def train_stage(config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Trains `config` in config.workdir unless its checkpoint already reached train.steps (then nothing runs).
+    Returns {'trained': bool, 'seconds': wall time, 'step': final step}."""
+    from fusion_jax.experiment import run
+
+    done = finished_step(config.workdir)
+    if done is not None and done >= config.train.steps:
+        log(f"  {config.workdir}: checkpoint at step {done} >= {config.train.steps}; not retraining")
+        return {"trained": False, "seconds": 0.0, "step": done}
+    start = time.perf_counter()
+    result = run(config)
+    seconds = time.perf_counter() - start
+    return {"trained": True, "seconds": seconds, "step": int(result.step), "resumed_from": result.resumed_from}
+
+
+def export_base_pipeline(base_workdir: str, pipeline_dir: str, out_dir: str, use_ema: bool = True) -> Path:
+    """The base run's trained UNet written into a copy of `pipeline_dir` (text encoder, tokenizer, VAE config and
+    scheduler linked by copy) at `out_dir`: the `model.pipeline` of the Face Fusion run. Kept when present."""
+    out = Path(out_dir)
+    marker = out / "base_run.json"
+    if marker.is_file():
+        return out
+    model, _, step = restore_model(base_workdir, use_ema=use_ema)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(pipeline_dir, tmp, ignore=shutil.ignore_patterns("unet"))
+    weights.save_unet(model.unet, tmp / "unet")
+    with open(tmp / "base_run.json", "w") as f:
+        json.dump({"workdir": os.path.abspath(base_workdir), "step": int(step), "ema": use_ema}, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation set and sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+# Prompts of the evaluation (all four attributes stated, so prompt accuracy scores each of them).
+EVAL_PROMPTS: tuple[synthfaces.PromptAttributes, ...] = (
+    synthfaces.PromptAttributes("smiling", "camera", "blue", "plain"),
+    synthfaces.PromptAttributes("neutral", "left", "red", "striped"),
+    synthfaces.PromptAttributes("surprised", "right", "green", "dotted"),
+    synthfaces.PromptAttributes("smiling", "right", "yellow", "checkered"),
+    synthfaces.PromptAttributes("neutral", "camera", "purple", "plain"),
+    synthfaces.PromptAttributes("surprised", "left", "orange", "striped"),
+)
+REFERENCE_PHOTOS = (0, 1, 2, 3)  # held-out identity photos used as references (1 reference = the first)
+TARGET_PHOTOS = (8, 9, 10, 11)  # other photos of the same person: SimTarget's targets (never references)
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Held-out identities x prompts, with references (crops and full photos) and target photos."""
+
+    identity_ids: np.ndarray  # (M,) identity of each row
+    captions: list[str]  # (M,) prompts
+    labels: np.ndarray  # (M, 4) prompted attribute classes
+    reference_crops: np.ndarray  # (M, 4, S, S, 3) uint8 aligned face crops (the conditioning)
+    reference_images: np.ndarray  # (M, 4, H, W, 3) uint8 the same photos, full (SimRef compares with these)
+    target_images: np.ndarray  # (M, T, H, W, 3) uint8 other photos of the same person (SimTarget)
+
+
+def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_prompts: int) -> EvalSet:
+    """Held-out identities (the first `num_identities`) under the first `num_prompts` EVAL_PROMPTS."""
+    heldout = synthfaces.split_identity_ids(faces, "heldout")
+    if not 1 <= num_identities <= len(heldout):
+        raise ValueError(f"identities={num_identities}: must be in [1, {len(heldout)}] (held-out identities)")
+    if not 1 <= num_prompts <= len(EVAL_PROMPTS):
+        raise ValueError(f"prompts={num_prompts}: must be in [1, {len(EVAL_PROMPTS)}]")
+    ids, caps, labels, crops, refs, targets = [], [], [], [], [], []
+    for identity in heldout[:num_identities]:
+        ref_records = [synthfaces.render_face(int(identity), p, faces) for p in REFERENCE_PHOTOS]
+        target_records = [synthfaces.render_face(int(identity), p, faces) for p in TARGET_PHOTOS]
+        for attrs in EVAL_PROMPTS[:num_prompts]:
+            ids.append(int(identity))
+            caps.append(synthfaces.build_caption(attrs))
+            labels.append(attrs.labels())
+            crops.append(np.stack([r["face_crop"] for r in ref_records]))
+            refs.append(np.stack([r["image"] for r in ref_records]))
+            targets.append(np.stack([r["image"] for r in target_records]))
+    return EvalSet(np.asarray(ids), caps, np.stack(labels), np.stack(crops), np.stack(refs), np.stack(targets))
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def sample_images(pipeline, fusion_cfg, eval_set: EvalSet, num_references: int, *, steps: int,
+                  guidance: float, reference_guidance: str, reference_scale: float, batch: int, seed: int,
+                  progress=None, sampler: Optional[Callable] = None) -> np.ndarray:
+    """Generated uint8 images (M, H, W, 3): 0 references (text only) or the first `num_references` references.
+    The same initial noise per row for every setting (only the conditioning changes)."""
+    from fusion_jax.sampling import SamplingConfig, generate, tokenize
+
+    size = eval_set.target_images.shape[2]
+    cfg = SamplingConfig(num_steps=steps, guidance_scale=guidance, height=size, width=size,
+                         reference_guidance=reference_guidance, reference_guidance_scale=reference_scale)
+    m = len(eval_set.captions)
+    noise_all = np.asarray(jax.random.normal(jax.random.key(seed), (m, size, size, 3), jnp.float32))
+    out = []
+    for lo in range(0, m, batch):
+        hi = min(m, lo + batch)
+        ids = tokenize(pipeline, eval_set.captions[lo:hi])
+        noise = noise_all[lo:hi]
+        pad = batch - (hi - lo)  # fixed batch shape: one compile per setting
+        if pad:
+            ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+            noise = np.concatenate([noise, np.repeat(noise[-1:], pad, 0)])
+        refs = None
+        if num_references:
+            refs = to_unit(eval_set.reference_crops[lo:hi, :num_references])
+            if pad:
+                refs = np.concatenate([refs, np.repeat(refs[-1:], pad, 0)])
+        key = jax.random.fold_in(jax.random.key(seed), lo)
+        if sampler is not None:
+            images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, fusion_cfg=fusion_cfg)
+        else:
+            images = generate(pipeline, ids, key=key, cfg=cfg, noise=jnp.asarray(noise), references=refs,
+                              fusion_cfg=fusion_cfg if refs is not None else None)
+        out.append(np.asarray(images)[: hi - lo])
+        if progress is not None:
+            progress.update(hi - lo)
+    return np.concatenate(out)
+
+
+def score(metrics, generated: np.ndarray, eval_set: EvalSet, num_references: int) -> dict[str, float]:
+    """SimTarget / SimRef / Paste (against the first max(1, n) references) and prompt accuracy of one setting."""
+    from fusion_jax import evaluation
+
+    refs = eval_set.reference_images[:, : max(1, num_references)]
+    ident = evaluation.identity_metrics(metrics.embedder, generated, refs, eval_set.target_images)
+    acc = evaluation.prompt_accuracy(metrics.reader, generated, eval_set.labels, synthfaces.ATTRIBUTE_NAMES)
+    return {**ident, "prompt_accuracy": acc["mean"], **{f"prompt_accuracy_{k}": v for k, v in acc.items()
+                                                         if k != "mean"}}
+
+
+def real_photo_reference_scores(metrics, eval_set: EvalSet) -> dict[str, float]:
+    """Ceilings: the metrics of the real held-out target photos themselves (same-person similarity of real photos,
+    reader accuracy on real photos is in the metrics report)."""
+    from fusion_jax import evaluation
+
+    first_target = eval_set.target_images[:, 0]
+    sims = evaluation.sim_target(metrics.embedder, first_target, eval_set.target_images[:, 1:])
+    other = np.roll(eval_set.target_images[:, 1:], shift=len(eval_set.captions) // max(1, len(set(
+        eval_set.identity_ids.tolist()))), axis=0)
+    diff = evaluation.sim_target(metrics.embedder, first_target, other)
+    return {"real_photo_same_person_similarity": float(sims.mean()),
+            "real_photo_other_person_similarity": float(diff.mean())}
+
+
+def grid_rows(eval_set: EvalSet, generated: dict[int, np.ndarray], rows: int) -> list[np.ndarray]:
+    """Grid cells, row by row: the 4 reference crops (resized to image size), then 0 / 1 / 4-reference samples."""
+    import cv2
+
+    size = eval_set.target_images.shape[2]
+    cells = []
+    for r in range(min(rows, len(eval_set.captions))):
+        for crop in eval_set.reference_crops[r]:
+            cells.append(crop if crop.shape[0] == size else cv2.resize(crop, (size, size),
+                                                                       interpolation=cv2.INTER_AREA))
+        for n in sorted(generated):
+            cells.append(generated[n][r])
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quickstart
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig:
+    """Everything `infer/quickstart.py` does (defaults: about 10 minutes on 2 idle CPU cores)."""
+
+    out: str  # output folder: pipeline/, base/, base_pipeline/, fusion/, metrics/, grid.png, metrics.json
+    base_steps: int = 300  # text-to-image steps of the base model
+    fusion_steps: int = 150  # Face Fusion steps on top of it (identity projections only)
+    batch_size: int = 16  # training batch (both stages)
+    widths: tuple[int, ...] = (16, 32, 64)  # UNet channels per resolution
+    identities: int = 8  # held-out identities evaluated
+    prompts: int = 4  # prompts per identity (EVAL_PROMPTS)
+    grid_rows: int = 8  # (identity, prompt) rows shown in grid.png
+    sample_steps: int = 20  # DDIM steps
+    guidance: float = 3.0  # text guidance scale
+    reference_scale: float = 2.0  # disentangled reference guidance scale
+    metric_setup: str = "default"  # 'default' (about 2 min) or 'fast' (seconds; tests) metric models
+    seed: int = 0  # sampling seed
+
+
+def metric_setup(name: str, image_size: int):
+    """The SynthMetricSetup of the metric models: 'default' or 'fast' (tests; low accuracy)."""
+    from fusion_jax import synth_metrics as sm
+
+    faces = synthfaces.SynthFaceConfig(image_size=image_size)
+    if name == "default":
+        return sm.SynthMetricSetup(faces=faces)
+    if name == "fast":
+        quick = sm.TrainConfig(steps=40, batch_size=32, steps_per_call=20)
+        return sm.SynthMetricSetup(faces=faces, train_identities=40, train_photos=4, eval_identities=20,
+                                   eval_photos=2, verification_pairs=100, embedder_train=quick, reader_train=quick,
+                                   embedder_net=sm.ConvNetConfig(input_size=32, widths=(16, 32)),
+                                   reader_net=sm.ConvNetConfig(input_size=32, widths=(16, 32),
+                                                               out_features=sm._OFFSETS[-1]))
+    raise ValueError(f"metric setup must be 'default' or 'fast', got {name!r}")
+
+
+def stage_configs(out: str, base_steps: int, fusion_steps: int, batch_size: int, widths: Sequence[int],
+                  extra_base: Sequence[str] = (), extra_fusion: Sequence[str] = (),
+                  config_dir: str = "") -> tuple[Any, Any, MiniatureModelConfig]:
+    """The two stage configs (configs/synthfaces/{text_to_image,face_fusion}.yaml + overrides) under `out`."""
+    from fusion_jax.config import load_config
+
+    config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            "configs", "synthfaces")
+    model_cfg = MiniatureModelConfig(widths=tuple(widths))
+    common = [f"data.batch_size={batch_size}", f"checkpoint.every={max(base_steps, fusion_steps)}"]
+    base = load_config(os.path.join(config_dir, "text_to_image.yaml"), [
+        f"model.pipeline={os.path.join(out, 'pipeline')}", f"workdir={os.path.join(out, 'base')}",
+        f"train.steps={base_steps}", f"train.warmup_steps={max(1, min(50, base_steps // 10))}", *common,
+        *extra_base])
+    fusion = load_config(os.path.join(config_dir, "face_fusion.yaml"), [
+        f"model.pipeline={os.path.join(out, 'base_pipeline')}", f"workdir={os.path.join(out, 'fusion')}",
+        f"train.steps={fusion_steps}", f"train.warmup_steps={max(1, min(50, fusion_steps // 10))}", *common,
+        *extra_fusion])
+    return base, fusion, model_cfg
+
+
+def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=print) -> dict[str, Any]:
+    """Pipeline folder, base training, base export, Face Fusion training (each skipped when already done)."""
+    timings = {}
+    log("[1/5] miniature pipeline (random pixel UNet, word-level tokenizer, frozen random text encoder)")
+    write_miniature_pipeline(os.path.join(out, "pipeline"), model_cfg)
+    log(f"[2/5] text-to-image base model: {base.train.steps} steps, batch {base.data.batch_size}")
+    timings["base"] = train_stage(base, log)
+    export_base_pipeline(base.workdir, os.path.join(out, "pipeline"), os.path.join(out, "base_pipeline"))
+    log(f"[3/5] Face Fusion on the base model: {fusion.train.steps} steps, trainable={fusion.train.trainable}, "
+        f"{fusion.data.pipeline.num_references} references per example")
+    timings["fusion"] = train_stage(fusion, log)
+    return timings
+
+
+def evaluate_settings(pipeline, fusion_cfg, metrics, eval_set: EvalSet, settings: Sequence[int], *, steps: int,
+                      guidance: float, reference_scale: float, seed: int, batch: int = 16, log=print,
+                      sampler=None, label: str = "") -> tuple[dict[int, np.ndarray], dict[int, dict]]:
+    """Samples and scores each number of references in `settings` (0 = text only)."""
+    from tqdm import tqdm
+
+    images, scores = {}, {}
+    for n in settings:
+        with tqdm(total=len(eval_set.captions), desc=f"sample {label}{n} ref", dynamic_ncols=True) as bar:
+            images[n] = sample_images(pipeline, fusion_cfg, eval_set, n, steps=steps, guidance=guidance,
+                                      reference_guidance="disentangled", reference_scale=reference_scale,
+                                      batch=batch, seed=seed, progress=bar, sampler=sampler)
+        scores[n] = score(metrics, images[n], eval_set, n)
+    return images, scores
+
+
+def format_table(rows: list[tuple[str, dict[str, float]]], keys: Sequence[str]) -> str:
+    """A markdown table: one row per setting, one column per metric key."""
+    lines = ["| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, values in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{values[k]:.3f}" if k in values else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Data, base + Face Fusion training (or resume), metric models, samples of held-out identities with 0 / 1 /
+    4 references, DIR/grid.png and DIR/metrics.json. Returns the metrics dict."""
+    from fusion_jax import synth_metrics
+    from fusion_jax.cli_utils import save_grid
+    from fusion_jax.identity.fusion import FusionConfig  # noqa: F401  (type of fusion.fusion)
+
+    start = time.perf_counter()
+    out = os.path.abspath(cfg.out)
+    os.makedirs(out, exist_ok=True)
+    base, fusion, model_cfg = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths)
+    timings = prepare_models(out, base, fusion, model_cfg, log)
+
+    log(f"[4/5] metric models (identity embedder + attribute reader, setup '{cfg.metric_setup}'; cached)")
+    t = time.perf_counter()
+    size = base.data.synthfaces.image_size
+    metrics = synth_metrics.prepare_synthface_metrics(os.path.join(out, "metrics"),
+                                                      setup=metric_setup(cfg.metric_setup, size), verbose=True)
+    timings["metric_models_s"] = time.perf_counter() - t
+
+    log(f"[5/5] sampling {cfg.identities} held-out identities x {cfg.prompts} prompts with 0, 1 and 4 references")
+    t = time.perf_counter()
+    model, fusion_config, _ = restore_model(fusion.workdir, use_ema=True)
+    pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
+    faces = dataclasses.replace(fusion.data.synthfaces)
+    eval_set = build_eval_set(faces, cfg.identities, cfg.prompts)
+    images, scores = evaluate_settings(pipeline, fusion_config.fusion, metrics, eval_set, (0, 1, 4),
+                                       steps=cfg.sample_steps, guidance=cfg.guidance,
+                                       reference_scale=cfg.reference_scale, seed=cfg.seed,
+                                       batch=min(16, len(eval_set.captions)), log=log)
+    timings["sampling_s"] = time.perf_counter() - t
+    save_grid(Path(out) / "grid.png", grid_rows(eval_set, images, cfg.grid_rows), columns=4 + len(images))
+
+    names = {0: "no_reference", 1: "1_reference", 4: "4_references"}
+    result: dict[str, Any] = {}
+    for n, values in scores.items():
+        for k, v in values.items():
+            result[f"{k}_{names[n]}"] = v
+    result.update(real_photo_reference_scores(metrics, eval_set))
+    report = metrics.report
+    result["embedder_verification_accuracy"] = report["verification"]["verification_accuracy"]
+    result["reader_accuracy_real_photos"] = report["reader_accuracy"]["mean"]
+    timings["total_s"] = time.perf_counter() - start
+    result["timings"] = timings
+    result["settings"] = {**dataclasses.asdict(cfg), "eval_identities": int(len(set(eval_set.identity_ids))),
+                          "eval_images_per_setting": len(eval_set.captions),
+                          "grid_layout": "rows: (held-out identity, prompt); columns: 4 reference crops, then "
+                                         "samples with 0, 1, 4 references"}
+    with open(Path(out) / "metrics.json", "w") as f:
+        json.dump(result, f, indent=2)
+    keys = ["sim_target", "sim_ref", "paste", "prompt_accuracy"]
+    table = format_table([(names[n], scores[n]) for n in sorted(scores)], keys)
+    log("\n" + table)
+    log(f"real held-out photos: same-person similarity {result['real_photo_same_person_similarity']:.3f}, "
+        f"other-person {result['real_photo_other_person_similarity']:.3f}; embedder verification accuracy "
+        f"{result['embedder_verification_accuracy']:.3f}; reader accuracy on real photos "
+        f"{result['reader_accuracy_real_photos']:.3f}")
+    log(f"wrote {Path(out) / 'grid.png'} and {Path(out) / 'metrics.json'} ({timings['total_s']:.0f}s)")
+    return result

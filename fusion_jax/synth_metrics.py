@@ -124,18 +124,20 @@ def _batched_apply(fn: Callable[[np.ndarray], jax.Array], images: np.ndarray, ch
 # ------------------------------------------------------------------------------------------------------
 
 
-def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def _save_model(path: str, model: nnx.Module, kind: str, config: ConvNetConfig, extra: dict[str, Any]) -> None:
-    metadata = {"kind": kind, "config": json.dumps(dataclasses.asdict(config)), "extra": json.dumps(extra)}
+def _save_nets(path: str, kind: str, nets: dict[str, ConvNet], extra: dict[str, Any]) -> None:
+    """One safetensors file; parameter names are '<net name><param path>'; configs go into the metadata."""
+    tensors = {}
+    for name, net in nets.items():
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(net, nnx.Param))[0]:
+            tensors[name + jax.tree_util.keystr(key_path)] = np.asarray(leaf)
+    configs = {name: dataclasses.asdict(net.config) for name, net in nets.items()}
+    metadata = {"kind": kind, "configs": json.dumps(configs), "extra": json.dumps(extra)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(_flat_params(model), path, metadata=metadata)
+    save_file(tensors, path, metadata=metadata)
 
 
-def _load_model(path: str, kind: str) -> tuple[ConvNet, dict[str, Any]]:
+def _load_nets(path: str, kind: str) -> tuple[dict[str, ConvNet], dict[str, Any]]:
+    """Inverse of `_save_nets`; every parameter must be present with its shape, and nothing else."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
@@ -144,24 +146,25 @@ def _load_model(path: str, kind: str) -> tuple[ConvNet, dict[str, Any]]:
         metadata = f.metadata() or {}
     if metadata.get("kind") != kind:
         raise ValueError(f"{path!r} holds a {metadata.get('kind')!r}, expected a {kind!r}")
-    raw = json.loads(metadata["config"])
-    config = ConvNetConfig(**{**raw, "widths": tuple(raw["widths"])})
-    abstract = nnx.eval_shape(lambda: ConvNet(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
     tensors = load_file(path)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = []
-    for key_path, leaf in paths:
-        name = jax.tree_util.keystr(key_path)
-        if name not in tensors:
-            raise ValueError(f"{path!r} is missing parameter {name}")
-        if tensors[name].shape != leaf.shape:
-            raise ValueError(f"{path!r}: parameter {name} has shape {tensors[name].shape}, expected {leaf.shape}")
-        leaves.append(jnp.asarray(tensors[name]))
-    unexpected = set(tensors) - {jax.tree_util.keystr(p) for p, _ in paths}
-    if unexpected:
-        raise ValueError(f"{path!r} has unexpected parameters {sorted(unexpected)}")
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves)), json.loads(metadata["extra"])
+    used, nets = set(), {}
+    for name, raw in json.loads(metadata["configs"]).items():
+        config = ConvNetConfig(**{**raw, "widths": tuple(raw["widths"])})
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: ConvNet(config, rngs=nnx.Rngs(0))))
+        paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+        leaves = []
+        for key_path, leaf in paths:
+            key = name + jax.tree_util.keystr(key_path)
+            if key not in tensors:
+                raise ValueError(f"{path!r} is missing parameter {key}")
+            if tensors[key].shape != leaf.shape:
+                raise ValueError(f"{path!r}: parameter {key} has shape {tensors[key].shape}, expected {leaf.shape}")
+            leaves.append(jnp.asarray(tensors[key]))
+            used.add(key)
+        nets[name] = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+    if set(tensors) - used:
+        raise ValueError(f"{path!r} has unexpected parameters {sorted(set(tensors) - used)}")
+    return nets, json.loads(metadata["extra"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -295,12 +298,12 @@ class IdentityEmbedder:
         return _batched_apply(self._apply, _as_uint8_range(images)).astype(np.float32)
 
     def save(self, path: str) -> None:
-        _save_model(path, self.net, self.KIND, self.net.config, self.info)
+        _save_nets(path, self.KIND, {"net": self.net}, self.info)
 
     @classmethod
     def load(cls, path: str) -> "IdentityEmbedder":
-        net, info = _load_model(path, cls.KIND)
-        return cls(net, info)
+        nets, info = _load_nets(path, cls.KIND)
+        return cls(nets["net"], info)
 
 
 def train_identity_embedder(
@@ -332,41 +335,69 @@ def train_identity_embedder(
 # Attribute readers: one net, one softmax head per prompt attribute
 # ------------------------------------------------------------------------------------------------------
 
-_CLASS_COUNTS = tuple(len(v) for v in synthfaces.ATTRIBUTE_VALUES.values())
-_OFFSETS = tuple(int(o) for o in np.cumsum((0,) + _CLASS_COUNTS))
+# The face attributes need the face at full resolution; the scene attributes need the image borders.
+READER_GROUPS: dict[str, tuple[str, ...]] = {
+    "face": ("expression", "gaze"),
+    "scene": ("background_colour", "background_pattern"),
+}
+DEFAULT_READER_NETS: dict[str, ConvNetConfig] = {
+    "face": ConvNetConfig(input_size=32, widths=(32, 64, 128), out_features=6, center_crop=0.6),
+    "scene": ConvNetConfig(input_size=24, widths=(16, 32, 64), out_features=10),
+}
 
 
-def _split_logits(logits: jax.Array) -> list[jax.Array]:
-    return [logits[:, a:b] for a, b in zip(_OFFSETS[:-1], _OFFSETS[1:])]
+def _class_counts(group: str) -> tuple[int, ...]:
+    return tuple(len(synthfaces.ATTRIBUTE_VALUES[name]) for name in READER_GROUPS[group])
 
 
-def _reader_loss(model: ConvNet, images: jax.Array, labels: jax.Array):
-    losses, hits = [], []
-    for a, logits in enumerate(_split_logits(model(images))):
-        losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, a]).mean())
-        hits.append(jnp.argmax(logits, axis=-1) == labels[:, a])
-    return sum(losses), jnp.mean(jnp.stack(hits))
+def _split_logits(logits: jax.Array, counts: tuple[int, ...]) -> list[jax.Array]:
+    offsets = np.cumsum((0,) + counts)
+    return [logits[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _grouped_softmax_loss(counts: tuple[int, ...]) -> LossFn:
+    """Sum of one softmax cross-entropy per attribute of a group; accuracy averaged over the attributes."""
+
+    def loss_fn(model: ConvNet, images: jax.Array, labels: jax.Array):
+        losses, hits = [], []
+        for a, logits in enumerate(_split_logits(model(images), counts)):
+            losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, a]).mean())
+            hits.append(jnp.argmax(logits, axis=-1) == labels[:, a])
+        return sum(losses), jnp.mean(jnp.stack(hits))
+
+    return loss_fn
 
 
 class AttributeReader:
-    """images -> (N, 4) class indices of (expression, gaze, background_colour, background_pattern)."""
+    """images -> (N, 4) class indices of ATTRIBUTE_NAMES (expression, gaze, background colour and pattern)."""
 
     KIND = "synthface_attribute_reader"
     names = synthfaces.ATTRIBUTE_NAMES
 
-    def __init__(self, net: ConvNet, info: dict[str, Any] | None = None):
-        if net.config.out_features != _OFFSETS[-1]:
-            raise ValueError(f"reader net must output {_OFFSETS[-1]} logits, got {net.config.out_features}")
-        self.net = net
+    def __init__(self, nets: dict[str, ConvNet], info: dict[str, Any] | None = None):
+        if set(nets) != set(READER_GROUPS):
+            raise ValueError(f"nets must have the keys {sorted(READER_GROUPS)}, got {sorted(nets)}")
+        for group, net in nets.items():
+            if net.config.out_features != sum(_class_counts(group)):
+                raise ValueError(f"the {group!r} reader net must output {sum(_class_counts(group))} logits, "
+                                 f"got {net.config.out_features}")
+        self.nets = nets
         self.info = dict(info or {})  # how it was trained and checked (accuracies)
-        graphdef, state = nnx.split(net)
+        order = [synthfaces.ATTRIBUTE_NAMES.index(n) for group in nets for n in READER_GROUPS[group]]
+        inverse = np.argsort(order)
+        split = {group: nnx.split(net) for group, net in nets.items()}
+        counts = {group: _class_counts(group) for group in nets}
 
-        def read(state, images):
-            logits = _split_logits(nnx.merge(graphdef, state)(images))
-            return jnp.stack([jnp.argmax(l, axis=-1) for l in logits], axis=1)
+        def read(states, images):
+            columns = []
+            for group, (graphdef, _) in split.items():
+                logits = nnx.merge(graphdef, states[group])(images)
+                columns += [jnp.argmax(l, axis=-1) for l in _split_logits(logits, counts[group])]
+            return jnp.stack(columns, axis=1)[:, inverse]
 
         apply = jax.jit(read)
-        self._apply = lambda images: apply(state, images)
+        states = {group: state for group, (_, state) in split.items()}
+        self._apply = lambda images: apply(states, images)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return _batched_apply(self._apply, _as_uint8_range(images)).astype(np.int64)
@@ -375,36 +406,70 @@ class AttributeReader:
         return [synthfaces.PromptAttributes.from_labels(row) for row in self(images)]
 
     def save(self, path: str) -> None:
-        _save_model(path, self.net, self.KIND, self.net.config, self.info)
+        _save_nets(path, self.KIND, self.nets, self.info)
 
     @classmethod
     def load(cls, path: str) -> "AttributeReader":
-        net, info = _load_model(path, cls.KIND)
-        return cls(net, info)
+        nets, info = _load_nets(path, cls.KIND)
+        return cls(nets, info)
 
 
 def train_attribute_reader(
     images: np.ndarray,
     attribute_labels: np.ndarray,
-    net_config: ConvNetConfig = ConvNetConfig(out_features=_OFFSETS[-1]),
+    net_configs: dict[str, ConvNetConfig] | None = None,
     train_config: TrainConfig = TrainConfig(),
     log: Callable[[str], None] | None = None,
 ) -> AttributeReader:
-    """Trains the prompt-attribute reader on photos with their (N, 4) attribute class indices."""
+    """Trains the prompt-attribute readers (one net per READER_GROUPS entry) on photos with their (N, 4)
+    attribute class indices in ATTRIBUTE_NAMES order."""
     images = _as_uint8_range(images)
+    net_configs = dict(DEFAULT_READER_NETS if net_configs is None else net_configs)
+    counts = np.array([len(v) for v in synthfaces.ATTRIBUTE_VALUES.values()])
     attribute_labels = np.asarray(attribute_labels)
-    if attribute_labels.shape != (len(images), len(_CLASS_COUNTS)):
-        raise ValueError(f"attribute_labels must have shape ({len(images)}, {len(_CLASS_COUNTS)}), "
+    if attribute_labels.shape != (len(images), len(counts)):
+        raise ValueError(f"attribute_labels must have shape ({len(images)}, {len(counts)}), "
                          f"got {attribute_labels.shape}")
-    if attribute_labels.min() < 0 or np.any(attribute_labels.max(axis=0) >= np.array(_CLASS_COUNTS)):
-        raise ValueError(f"attribute_labels must be class indices below {_CLASS_COUNTS}")
-    if net_config.out_features != _OFFSETS[-1]:
-        raise ValueError(f"net_config.out_features must be {_OFFSETS[-1]} (sum of class counts), "
-                         f"got {net_config.out_features}")
-    model = build_under_jit(lambda: ConvNet(net_config, rngs=nnx.Rngs(train_config.seed)))
-    model, accuracy = fit_classifier(model, _reader_loss, images, attribute_labels.astype(np.int32),
-                                     train_config, log)
-    return AttributeReader(model, {"train_batch_accuracy": accuracy, "num_train_images": len(images)})
+    if attribute_labels.min() < 0 or np.any(attribute_labels.max(axis=0) >= counts):
+        raise ValueError(f"attribute_labels must be class indices below {tuple(counts)}")
+    if set(net_configs) != set(READER_GROUPS):
+        raise ValueError(f"net_configs must have the keys {sorted(READER_GROUPS)}, got {sorted(net_configs)}")
+    nets, info = {}, {"num_train_images": len(images)}
+    for group, config in net_configs.items():
+        if config.out_features != sum(_class_counts(group)):
+            raise ValueError(f"net_configs[{group!r}].out_features must be {sum(_class_counts(group))}, "
+                             f"got {config.out_features}")
+        if log is not None:
+            log(f" {group} attributes {READER_GROUPS[group]}")
+        columns = [synthfaces.ATTRIBUTE_NAMES.index(n) for n in READER_GROUPS[group]]
+        model = build_under_jit(lambda: ConvNet(config, rngs=nnx.Rngs(train_config.seed)))
+        nets[group], info[f"train_batch_accuracy_{group}"] = fit_classifier(
+            model, _grouped_softmax_loss(_class_counts(group)), images,
+            attribute_labels[:, columns].astype(np.int32), train_config, log)
+    return AttributeReader(nets, info)
+
+
+def read_background_colour(images: np.ndarray, corner: float = 0.1) -> np.ndarray:
+    """Analytic background-colour reader: hue of the two top corners -> index into BACKGROUND_COLOURS, (N,).
+
+    Exact on synthetic photos (the top corners are always background and patterns keep the base hue);
+    needs no training, so it also cross-checks the trained reader on generated images.
+    """
+    images = _as_uint8_range(images).astype(np.float32)
+    side = max(1, int(round(images.shape[1] * corner)))
+    patches = np.concatenate([images[:, :side, :side], images[:, :side, -side:]], axis=1)
+    mean = patches.reshape(len(images), -1, 3).mean(axis=1)
+    hues = _hue(mean)
+    reference = _hue(np.array([synthfaces._BACKGROUND_RGB[c] for c in synthfaces.BACKGROUND_COLOURS], np.float32))
+    distance = np.abs(hues[:, None] - reference[None, :])
+    distance = np.minimum(distance, 360 - distance)
+    return distance.argmin(axis=1).astype(np.int64)
+
+
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees of (..., 3) RGB colours."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -461,7 +526,7 @@ class SynthMetricSetup:
     embedder_train: TrainConfig = TrainConfig(steps=400)  # identity embedder optimisation (longer overfits)
     margin: float = 0.2  # CosFace margin
     scale: float = 16.0  # CosFace logit scale
-    reader_net: ConvNetConfig = ConvNetConfig(out_features=_OFFSETS[-1])  # attribute reader architecture
+    reader_nets: tuple[tuple[str, ConvNetConfig], ...] = tuple(DEFAULT_READER_NETS.items())  # reader group nets
     reader_train: TrainConfig = TrainConfig(steps=400)  # attribute reader optimisation
 
     def __post_init__(self) -> None:
@@ -549,7 +614,7 @@ def prepare_synthface_metrics(
         log("training the attribute reader")
 
     start = time.perf_counter()
-    reader = train_attribute_reader(train_images, train_labels, setup.reader_net, setup.reader_train, log)
+    reader = train_attribute_reader(train_images, train_labels, dict(setup.reader_nets), setup.reader_train, log)
     timings["reader_train_s"] = time.perf_counter() - start
     reader_accuracy = evaluation.prompt_accuracy(reader, test_images, test_labels, synthfaces.ATTRIBUTE_NAMES)
     reader.info.update({f"heldout_accuracy_{k}": v for k, v in reader_accuracy.items()})

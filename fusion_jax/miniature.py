@@ -266,8 +266,8 @@ def export_base_pipeline(base_workdir: str, pipeline_dir: str, out_dir: str, use
     scheduler linked by copy) at `out_dir`: the `model.pipeline` of the Face Fusion run. Kept when present."""
     out = Path(out_dir)
     marker = out / "base_run.json"
-    if marker.is_file():
-        return out
+    if marker.is_file() and json.loads(marker.read_text()).get("step") == finished_step(base_workdir):
+        return out  # already exported from this checkpoint
     model, _, step = restore_model(base_workdir, use_ema=use_ema)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -571,3 +571,163 @@ def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dic
         f"{result['reader_accuracy_real_photos']:.3f}")
     log(f"wrote {Path(out) / 'grid.png'} and {Path(out) / 'metrics.json'} ({timings['total_s']:.0f}s)")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The miniature reproduction (infer/evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Face Fusion variants: name -> fusion.* overrides. 'single_token' is the IP-Adapter-like baseline (see
+# `single_token_references`).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "decoupled_fixed": ("fusion.combine=decoupled", "fusion.reference_timestep=fixed"),
+    "joint_fixed": ("fusion.combine=joint", "fusion.reference_timestep=fixed"),
+    "decoupled_current": ("fusion.combine=decoupled", "fusion.reference_timestep=current"),
+    "joint_current": ("fusion.combine=joint", "fusion.reference_timestep=current"),
+    "single_token": ("fusion.combine=decoupled", "fusion.reference_timestep=fixed"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """`infer/evaluate.py --config configs/synthfaces/experiment.yaml`: the miniature reproduction."""
+
+    out: str = ""  # output folder (shares pipeline/, base/, base_pipeline/, metrics/ with a quickstart DIR)
+    base_steps: int = 300  # text-to-image base steps
+    fusion_steps: int = 150  # steps of each Face Fusion variant
+    batch_size: int = 16  # training batch
+    widths: tuple[int, ...] = (16, 32, 64)  # UNet channels per resolution
+    variants: tuple[str, ...] = tuple(VARIANTS)  # which VARIANTS to train and evaluate
+    identities: int = 16  # held-out identities
+    prompts: int = 4  # prompts per identity
+    sample_steps: int = 20  # DDIM steps
+    guidance: float = 3.0  # text guidance scale
+    reference_scale: float = 2.0  # disentangled reference guidance scale
+    metric_setup: str = "default"  # metric models: 'default' | 'fast'
+    seed: int = 0  # sampling seed
+
+
+class single_token_references:
+    """Context manager: while active, Face Fusion's reference tokens are mean-pooled to ONE token per reference
+    image per layer (a pooled image embedding projected by W'k / W'v to an extra cross-attention token: the
+    IP-Adapter-like baseline). It swaps `identity.fusion.encode_references` (read at trace time by `fusion_loss`
+    and the sampler) and clears the sampler's compile cache on entry and exit, so traces never mix."""
+
+    def __enter__(self):
+        from fusion_jax import sampling
+        from fusion_jax.identity import fusion
+
+        self._original = original = fusion.encode_references
+
+        def pooled(unet, ref_latents, *args, **kwargs):
+            ctx = original(unet, ref_latents, *args, **kwargs)
+            refs = jnp.asarray(ref_latents)
+            per_image = int(np.prod(refs.shape[1:-3]))  # K * N reference images per row
+            tokens, ids = {}, {}
+            for name, value in ctx.reference_tokens.items():
+                b, t, c = value.shape
+                tokens[name] = value.reshape(b, per_image, t // per_image, c).mean(axis=2)
+                ids[name] = ctx.token_identity[name].reshape(b, per_image, t // per_image)[:, :, 0]
+            return ctx.replace(reference_tokens=tokens, token_identity=ids)
+
+        fusion.encode_references = pooled
+        sampling._compiled.cache_clear()
+        return self
+
+    def __exit__(self, *exc):
+        from fusion_jax import sampling
+        from fusion_jax.identity import fusion
+
+        fusion.encode_references = self._original
+        sampling._compiled.cache_clear()
+        return False
+
+
+def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Trains the base model and each Face Fusion variant (resuming), samples held-out identities with 0 / 1 / 4
+    references, writes OUT/evaluation.{md,json}; returns the JSON dict."""
+    import contextlib
+
+    from fusion_jax import synth_metrics
+    from fusion_jax.experiment import build_experiment
+    from fusion_jax.training import train
+
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    if not cfg.out:
+        raise ValueError("out: set the output folder (out=DIR)")
+    start = time.perf_counter()
+    out = os.path.abspath(cfg.out)
+    base, _, model_cfg = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths)
+    write_miniature_pipeline(os.path.join(out, "pipeline"), model_cfg)
+    log(f"base model: {cfg.base_steps} steps")
+    timings: dict[str, Any] = {"base": train_stage(base, log)}
+    export_base_pipeline(base.workdir, os.path.join(out, "pipeline"), os.path.join(out, "base_pipeline"))
+    metrics = synth_metrics.prepare_synthface_metrics(
+        os.path.join(out, "metrics"), setup=metric_setup(cfg.metric_setup, base.data.synthfaces.image_size))
+    eval_set = build_eval_set(base.data.synthfaces, cfg.identities, cfg.prompts)
+    rows: list[tuple[str, dict]] = []
+    results: dict[str, Any] = {}
+    no_reference_done = False
+    for variant in cfg.variants:
+        workdir = "fusion" if variant == "decoupled_fixed" else f"fusion_{variant}"  # decoupled_fixed = quickstart's
+        _, fusion, _ = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths,
+                                     extra_fusion=(*VARIANTS[variant], f"workdir={os.path.join(out, workdir)}"))
+        pooled = single_token_references() if variant == "single_token" else contextlib.nullcontext()
+        with pooled:
+            log(f"Face Fusion variant {variant}: {cfg.fusion_steps} steps")
+            done = finished_step(fusion.workdir)
+            if done is not None and done >= fusion.train.steps:
+                timings[variant] = {"trained": False, "seconds": 0.0, "step": done}
+            else:
+                t = time.perf_counter()
+                exp = build_experiment(fusion)
+                result = train(fusion, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory,
+                               trainable=exp.trainable)
+                timings[variant] = {"trained": True, "seconds": time.perf_counter() - t, "step": int(result.step)}
+            model, fusion_config, _ = restore_model(fusion.workdir, use_ema=True)
+            pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
+            settings = (1, 4) if no_reference_done else (0, 1, 4)
+            t = time.perf_counter()
+            _, scores = evaluate_settings(pipeline, fusion_config.fusion, metrics, eval_set, settings,
+                                          steps=cfg.sample_steps, guidance=cfg.guidance,
+                                          reference_scale=cfg.reference_scale, seed=cfg.seed, log=log,
+                                          label=f"{variant} ")
+            timings[f"{variant}_sampling_s"] = time.perf_counter() - t
+        if 0 in scores:  # identity off = the base model (only identity projections were trained)
+            rows.append(("no reference (base model)", scores[0]))
+            results["no_reference"] = scores[0]
+            no_reference_done = True
+        for n in (1, 4):
+            name = f"{variant}, {n} reference{'s' if n > 1 else ''}"
+            rows.append((name, scores[n]))
+            results[f"{variant}_{n}"] = scores[n]
+        _write_evaluation(out, cfg, rows, results, metrics, eval_set, timings, start)
+        log(format_table(rows, ["sim_target", "sim_ref", "paste", "prompt_accuracy"]))
+    return _write_evaluation(out, cfg, rows, results, metrics, eval_set, timings, start)
+
+
+def _write_evaluation(out, cfg, rows, results, metrics, eval_set, timings, start) -> dict[str, Any]:
+    keys = ["sim_target", "sim_ref", "paste", "prompt_accuracy", "prompt_accuracy_expression",
+            "prompt_accuracy_gaze", "prompt_accuracy_background_colour", "prompt_accuracy_background_pattern"]
+    real = real_photo_reference_scores(metrics, eval_set)
+    doc = {"config": dataclasses.asdict(cfg), "results": results, "real_photos": real,
+           "embedder_verification_accuracy": metrics.report["verification"]["verification_accuracy"],
+           "reader_accuracy_real_photos": metrics.report["reader_accuracy"],
+           "eval_images_per_setting": len(eval_set.captions), "timings": timings,
+           "wall_s": time.perf_counter() - start}
+    with open(os.path.join(out, "evaluation.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    md = [f"Held-out identities: {len(set(eval_set.identity_ids.tolist()))} x {cfg.prompts} prompts = "
+          f"{len(eval_set.captions)} images per row; base {cfg.base_steps} steps, each Face Fusion variant "
+          f"{cfg.fusion_steps} steps (identity projections only), DDIM {cfg.sample_steps}, text guidance "
+          f"{cfg.guidance}, reference guidance {cfg.reference_scale} (disentangled).", "",
+          format_table(rows, keys), "",
+          f"Real held-out photos: same-person similarity {real['real_photo_same_person_similarity']:.3f}, "
+          f"other-person {real['real_photo_other_person_similarity']:.3f}; embedder held-out verification "
+          f"accuracy {doc['embedder_verification_accuracy']:.3f}; reader accuracy on real held-out photos "
+          f"{metrics.report['reader_accuracy']['mean']:.3f}."]
+    with open(os.path.join(out, "evaluation.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return doc

@@ -14,7 +14,10 @@ FLOPs come from XLA's cost analysis of the compiled executables.
 XLA counts a `lax.fori_loop` body once, not once per trip, so a generation is counted as
     one-off parts (text encode + reference encoding + VAE decode) + steps x (one guided step),
 the step being `sampling.denoise_step_fn` / `sampling.reference_step_fn`, the very loop bodies the sampler runs.
-(`tests/test_fusion_benchmark.py` checks this sum against the whole sampler with its loop unrolled.)
+(`tests/test_fusion_benchmark.py` checks this sum against the whole sampler with its loop unrolled: equal for the
+lowered HLO; for the compiled one the sum is an upper bound by a few percent, because a step counted alone
+recomputes loop-invariant work (key/value projections of the text and of the fixed reference tokens) that XLA
+computes once when it sees all steps together. The ratios below are therefore slightly pessimistic for `fixed`.)
 
 Rows: base text-to-image with classifier-free guidance (2 UNet predictions per step), and Face Fusion with 1 and 4
 references of one person, `fixed` (reference branch once per image, tokens cached) vs `current` (references

@@ -159,6 +159,21 @@ def test_reader_accuracy_on_heldout_identities():
     np.testing.assert_array_equal(sm.read_background_colour(test_images), test_labels[:, 2])
 
 
+def test_random_shift_is_an_edge_padded_translation():
+    import jax
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 10, 12, 3), dtype=np.uint8)
+    shifted = np.asarray(sm.random_shift(jax.numpy.asarray(images), jax.random.key(0), 2))
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+    found = []
+    for n in range(len(images)):
+        matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if np.array_equal(padded[n, dy:dy + 10, dx:dx + 12], shifted[n])]
+        assert matches, f"image {n} is not a translation of the input by at most 2 pixels"
+        found.append(matches[0])
+    assert len(set(found)) > 1, "offsets are drawn per image"
+
+
 def test_embedder_input_checks():
     with pytest.raises(ValueError, match="identities"):
         sm.train_identity_embedder(random_images(4), np.zeros(3))

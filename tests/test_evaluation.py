@@ -107,7 +107,7 @@ TINY_SETUP = sm.SynthMetricSetup(
     faces=sf.SynthFaceConfig(image_size=32, num_train_identities=8, num_heldout_identities=4),
     train_identities=8, train_photos=12, eval_identities=4, eval_photos=3, verification_pairs=200,
     embedder_net=sm.ConvNetConfig(input_size=32, widths=(16, 32), out_features=32, center_crop=0.6),
-    embedder_train=sm.TrainConfig(steps=80, batch_size=32, learning_rate=3e-3, steps_per_call=40),
+    embedder_train=sm.TrainConfig(steps=120, batch_size=32, learning_rate=3e-3, steps_per_call=40, max_shift=2),
     reader_nets=(("face", sm.ConvNetConfig(input_size=32, widths=(16, 32), out_features=6, center_crop=0.6)),
                  ("scene", sm.ConvNetConfig(input_size=16, widths=(8, 16), out_features=10))),
     reader_train=sm.TrainConfig(steps=80, batch_size=32, learning_rate=3e-3, steps_per_call=40),
@@ -123,9 +123,11 @@ def test_tiny_metric_models_train_separate_identities_and_reload(tmp_path):
     similarity = embeddings @ embeddings.T
     same = identities[:, None] == identities[None, :]
     off_diagonal = ~np.eye(len(images), dtype=bool)
-    assert similarity[same & off_diagonal].mean() > similarity[~same].mean() + 0.3
+    # Measured over training seeds 0-3: similarity gap 0.89-0.94, nearest-neighbour accuracy 0.84-0.97
+    # (chance: 3 of the 31 other photos are the same person, about 0.1).
+    assert similarity[same & off_diagonal].mean() > similarity[~same].mean() + 0.5
     nearest = np.where(off_diagonal, similarity, -np.inf).argmax(axis=1)
-    assert np.mean(identities[nearest] == identities) > 0.8
+    assert np.mean(identities[nearest] == identities) > 0.7
     assert metrics.report["verification"]["verification_accuracy"] > 0.6  # held-out ids: 4 people, tiny net
 
     read = metrics.reader(images)

@@ -347,15 +347,30 @@ def train_identity_embedder(
 # Attribute readers: one net, one softmax head per prompt attribute
 # ------------------------------------------------------------------------------------------------------
 
-# The face attributes need the face at full resolution; the scene attributes need the image borders.
+# Attribute groups a reader net can read. The face attributes need the face at full resolution and the scene
+# attributes the image borders, so the default reader is a "face" net plus a "scene" net; "all" is one net.
 READER_GROUPS: dict[str, tuple[str, ...]] = {
     "face": ("expression", "gaze"),
     "scene": ("background_colour", "background_pattern"),
+    "all": synthfaces.ATTRIBUTE_NAMES,
 }
+_OFFSETS = tuple(int(o) for o in np.cumsum([0] + [len(v) for v in synthfaces.ATTRIBUTE_VALUES.values()]))
+NUM_ATTRIBUTE_LOGITS = _OFFSETS[-1]  # logits of a net reading all four attributes
 DEFAULT_READER_NETS: dict[str, ConvNetConfig] = {
     "face": ConvNetConfig(input_size=32, widths=(32, 64, 128), out_features=6, center_crop=0.6),
     "scene": ConvNetConfig(input_size=32, widths=(16, 32, 64), out_features=10),
 }
+
+
+def _check_groups(groups: Any, what: str) -> None:
+    """The groups must be known and read every attribute exactly once."""
+    unknown = set(groups) - set(READER_GROUPS)
+    if unknown:
+        raise ValueError(f"{what} has unknown reader groups {sorted(unknown)}; known: {sorted(READER_GROUPS)}")
+    covered = sorted(name for group in groups for name in READER_GROUPS[group])
+    if covered != sorted(synthfaces.ATTRIBUTE_NAMES):
+        raise ValueError(f"{what} must read each of {synthfaces.ATTRIBUTE_NAMES} exactly once, "
+                         f"got groups {sorted(groups)}")
 
 
 def _class_counts(group: str) -> tuple[int, ...]:
@@ -387,8 +402,7 @@ class AttributeReader:
     names = synthfaces.ATTRIBUTE_NAMES
 
     def __init__(self, nets: dict[str, ConvNet], info: dict[str, Any] | None = None):
-        if set(nets) != set(READER_GROUPS):
-            raise ValueError(f"nets must have the keys {sorted(READER_GROUPS)}, got {sorted(nets)}")
+        _check_groups(nets, "nets")
         for group, net in nets.items():
             if net.config.out_features != sum(_class_counts(group)):
                 raise ValueError(f"the {group!r} reader net must output {sum(_class_counts(group))} logits, "
@@ -444,8 +458,7 @@ def train_attribute_reader(
                          f"got {attribute_labels.shape}")
     if attribute_labels.min() < 0 or np.any(attribute_labels.max(axis=0) >= counts):
         raise ValueError(f"attribute_labels must be class indices below {tuple(counts)}")
-    if set(net_configs) != set(READER_GROUPS):
-        raise ValueError(f"net_configs must have the keys {sorted(READER_GROUPS)}, got {sorted(net_configs)}")
+    _check_groups(net_configs, "net_configs")
     nets, info = {}, {"num_train_images": len(images)}
     for group, config in net_configs.items():
         if config.out_features != sum(_class_counts(group)):
@@ -472,7 +485,7 @@ def read_background_colour(images: np.ndarray, corner: float = 0.1) -> np.ndarra
     patches = np.concatenate([images[:, :side, :side], images[:, :side, -side:]], axis=1)
     mean = patches.reshape(len(images), -1, 3).mean(axis=1)
     hues = _hue(mean)
-    reference = _hue(np.array([synthfaces._BACKGROUND_RGB[c] for c in synthfaces.BACKGROUND_COLOURS], np.float32))
+    reference = _hue(np.array([synthfaces.BACKGROUND_RGB[c] for c in synthfaces.BACKGROUND_COLOURS], np.float32))
     distance = np.abs(hues[:, None] - reference[None, :])
     distance = np.minimum(distance, 360 - distance)
     return distance.argmin(axis=1).astype(np.int64)
@@ -538,7 +551,8 @@ class SynthMetricSetup:
     embedder_train: TrainConfig = TrainConfig(steps=600, max_shift=4)  # identity embedder optimisation
     margin: float = 0.2  # CosFace margin
     scale: float = 16.0  # CosFace logit scale
-    reader_nets: tuple[tuple[str, ConvNetConfig], ...] = tuple(DEFAULT_READER_NETS.items())  # reader group nets
+    reader_nets: tuple[tuple[str, ConvNetConfig], ...] = tuple(DEFAULT_READER_NETS.items())  # (group, net) pairs
+    reader_net: ConvNetConfig | None = None  # if set: one net reads all attributes (replaces reader_nets)
     reader_train: TrainConfig = TrainConfig(steps=400)  # attribute reader optimisation
 
     def __post_init__(self) -> None:
@@ -550,6 +564,10 @@ class SynthMetricSetup:
                              f"got {self.eval_identities}")
         if self.train_photos < 2 or self.eval_photos < 2:
             raise ValueError(f"train_photos and eval_photos must be >= 2, got {self.train_photos}, {self.eval_photos}")
+
+    def reader_configs(self) -> dict[str, ConvNetConfig]:
+        """The reader nets to train, keyed by attribute group."""
+        return {"all": self.reader_net} if self.reader_net is not None else dict(self.reader_nets)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -626,7 +644,7 @@ def prepare_synthface_metrics(
         log("training the attribute reader")
 
     start = time.perf_counter()
-    reader = train_attribute_reader(train_images, train_labels, dict(setup.reader_nets), setup.reader_train, log)
+    reader = train_attribute_reader(train_images, train_labels, setup.reader_configs(), setup.reader_train, log)
     timings["reader_train_s"] = time.perf_counter() - start
     reader_accuracy = evaluation.prompt_accuracy(reader, test_images, test_labels, synthfaces.ATTRIBUTE_NAMES)
     reader.info.update({f"heldout_accuracy_{k}": v for k, v in reader_accuracy.items()})

@@ -179,5 +179,10 @@ def test_random_shift_is_an_edge_padded_translation():
 def test_embedder_input_checks():
     with pytest.raises(ValueError, match="identities"):
         sm.train_identity_embedder(random_images(4), np.zeros(3))
+    labels = np.zeros((4, 4), np.int64)
+    with pytest.raises(ValueError, match="exactly once"):
+        sm.train_attribute_reader(random_images(4), labels, {"face": sm.DEFAULT_READER_NETS["face"]})
+    with pytest.raises(ValueError, match="unknown reader groups"):
+        sm.train_attribute_reader(random_images(4), labels, {"hair": sm.DEFAULT_READER_NETS["face"]})
     with pytest.raises(ValueError, match="float images must lie in"):
         sm._as_uint8_range(np.full((1, 8, 8, 3), 2.0))

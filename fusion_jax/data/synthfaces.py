@@ -42,11 +42,12 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
 }
 ATTRIBUTE_NAMES = tuple(ATTRIBUTE_VALUES)
 
-_EXPRESSION_PHRASES = {"neutral": "with a neutral expression", "smiling": "smiling", "surprised": "surprised"}
-_GAZE_PHRASES = {"camera": "looking at the camera", "left": "looking left", "right": "looking right"}
+EXPRESSION_PHRASES = {"neutral": "with a neutral expression", "smiling": "smiling", "surprised": "surprised"}
+GAZE_PHRASES = {"camera": "looking at the camera", "left": "looking left", "right": "looking right"}
+_EXPRESSION_PHRASES, _GAZE_PHRASES = EXPRESSION_PHRASES, GAZE_PHRASES  # older private names, still read elsewhere
 
 # Base RGB of each background colour (chosen far apart in hue so lighting changes never confuse them).
-_BACKGROUND_RGB = {
+BACKGROUND_RGB = {
     "red": (200, 40, 40),
     "orange": (235, 130, 30),
     "yellow": (230, 210, 50),
@@ -100,9 +101,9 @@ def build_caption(attributes: PromptAttributes) -> str:
     """'a person smiling, looking left, on a striped blue background'; unstated attributes are left out."""
     parts = []
     if attributes.expression is not None:
-        parts.append(_EXPRESSION_PHRASES[attributes.expression])
+        parts.append(EXPRESSION_PHRASES[attributes.expression])
     if attributes.gaze is not None:
-        parts.append(_GAZE_PHRASES[attributes.gaze])
+        parts.append(GAZE_PHRASES[attributes.gaze])
     if attributes.background_colour is not None or attributes.background_pattern is not None:
         words = [w for w in (attributes.background_pattern, attributes.background_colour) if w is not None]
         parts.append(f"on a {' '.join(words)} background")
@@ -131,7 +132,7 @@ def parse_caption(caption: str) -> PromptAttributes:
                 pattern = word
             else:
                 raise ValueError(f"caption {caption!r}: unknown background word {word!r}")
-    return PromptAttributes(find(_EXPRESSION_PHRASES), find(_GAZE_PHRASES), colour, pattern)
+    return PromptAttributes(find(EXPRESSION_PHRASES), find(GAZE_PHRASES), colour, pattern)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -481,7 +482,7 @@ def _draw_person(canvas: _FaceCanvas, traits: IdentityTraits, photo: PhotoParams
 
 def _background(size: int, colour: str, pattern: str, photo: PhotoParams) -> np.ndarray:
     """(size, size, 3) float background: base colour plus a darker pattern of the same hue."""
-    base = np.array(_BACKGROUND_RGB[colour], float) * photo.background_shade
+    base = np.array(BACKGROUND_RGB[colour], float) * photo.background_shade
     second = base * 0.55
     period = photo.pattern_period * size
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5

@@ -51,9 +51,7 @@ def identity_similarity(embed_fn: EmbedFn, images_a: np.ndarray, images_b: np.nd
     images_b = _check_images("images_b", images_b, 4)
     if len(images_a) != len(images_b):
         raise ValueError(f"images_a and images_b must pair up, got {len(images_a)} and {len(images_b)} images")
-    embeddings = np.asarray(embed_fn(np.concatenate([images_a, images_b])) if images_a.shape == images_b.shape
-                            else np.concatenate([embed_fn(images_a), embed_fn(images_b)]))
-    return cosine_similarity(embeddings[: len(images_a)], embeddings[len(images_a):])
+    return cosine_similarity(np.asarray(embed_fn(images_a)), np.asarray(embed_fn(images_b)))
 
 
 def _similarity_to_sets(embed_fn: EmbedFn, generated: np.ndarray, others: np.ndarray, name: str) -> np.ndarray:

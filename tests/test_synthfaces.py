@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from fusion_jax.data import sources
 from fusion_jax.data import synthfaces as sf
 
 CFG = sf.SynthFaceConfig(image_size=64, num_train_identities=20, num_heldout_identities=5, photos_per_identity=3)
@@ -36,6 +37,7 @@ def test_source_protocol_and_record_contract(size):
     assert train.identities.dtype == np.int64 and train.identities.shape == (12,)
     assert set(train.identities.tolist()).isdisjoint(heldout.identities.tolist())
     record = train[5]
+    sources.validate_record(record)  # the data pipeline's own check of the face-record contract
     assert record["identity"] == train.identities[5] == 1 and record["photo_id"] == 2
     assert record["image"].dtype == np.uint8 and record["image"].shape == (size, size, 3)
     assert record["face_crop"].dtype == np.uint8 and record["face_crop"].shape == (size // 2, size // 2, 3)

@@ -549,7 +549,14 @@ def render_face(
     config: SynthFaceConfig = SynthFaceConfig(),
     attributes: PromptAttributes | None = None,
 ) -> dict[str, Any]:
-    """One photo of one person as a face record (see `SynthFaces`); `attributes` fix prompt attributes."""
+    """One photo of one person as a face record; stated `attributes` fix those prompt attributes.
+
+    Keys: image uint8 (S, S, 3); face_crop uint8 (C, C, 3), the head cut out upright and centred (exact
+    geometry, no detector); face_box float32 [x0, y0, x1, y1] of the head outline and landmarks float32 (5, 2)
+    (image-left eye, image-right eye, nose tip, mouth corners), both in pixel-index coordinates (pixel centres
+    at integers); embedding float32 (512,) zeros with has_embedding False; identity, photo_id int64; caption
+    str; attributes dict; attribute_labels int64 (4,).
+    """
     traits = sample_identity(identity_id, config.seed)
     photo = sample_photo(identity_id, photo_id, config.seed, attributes)
     size, k = config.image_size, config.supersample
@@ -609,6 +616,8 @@ class SynthFaces:
 
     Index i is photo `i % photos_per_identity` of the split's identity `i // photos_per_identity`.
     Splits: "train" = ids [0, num_train), "heldout" = the next num_heldout ids, "all" = both.
+    Records (see `render_face`) carry the face-record keys of `fusion_jax.data.sources` plus the ground truth
+    `attributes` (dict attribute name -> value) and `attribute_labels` (int64 (4,), ATTRIBUTE_NAMES order).
     """
 
     def __init__(self, config: SynthFaceConfig = SynthFaceConfig(), split: str = "train"):

@@ -69,7 +69,9 @@ class ConvNet(nnx.Module):
             channels = width
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
-        side = config.input_size // 2 ** len(config.widths)
+        side = config.input_size
+        for _ in config.widths:
+            side = -(-side // 2)  # a stride-2 'SAME' convolution rounds up
         pooled = side * side * channels if config.pooling == "flatten" else channels
         self.head = nnx.Linear(pooled, config.out_features, rngs=rngs)
 
@@ -308,6 +310,8 @@ class IdentityEmbedder:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return _batched_apply(self._apply, _as_uint8_range(images)).astype(np.float32)
+
+    embed = __call__
 
     def save(self, path: str) -> None:
         _save_nets(path, self.KIND, {"net": self.net}, self.info)

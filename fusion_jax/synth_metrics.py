@@ -652,13 +652,15 @@ def prepare_synthface_metrics(
     timings["reader_train_s"] = time.perf_counter() - start
     reader_accuracy = evaluation.prompt_accuracy(reader, test_images, test_labels, synthfaces.ATTRIBUTE_NAMES)
     reader.info.update({f"heldout_accuracy_{k}": v for k, v in reader_accuracy.items()})
+    analytic_colour = float(np.mean(read_background_colour(test_images) == test_labels[:, 2]))
     if log:
         log("attribute reader accuracy on held-out identities: "
             + ", ".join(f"{k} {v:.3f}" for k, v in reader_accuracy.items())
-            + f" (trained in {timings['reader_train_s']:.0f}s)")
+            + f" (trained in {timings['reader_train_s']:.0f}s); analytic background colour {analytic_colour:.3f}")
 
     report = {"setup": json.loads(setup.to_json()), "verification": verification,
-              "reader_accuracy": reader_accuracy, "timings": timings}
+              "reader_accuracy": reader_accuracy, "analytic_background_colour_accuracy": analytic_colour,
+              "timings": timings}
     os.makedirs(out_dir, exist_ok=True)
     embedder.save(paths[EMBEDDER_FILE])
     reader.save(paths[READER_FILE])

@@ -354,6 +354,7 @@ class Experiment:
     unet_config: UNetConfig
     schedule: NoiseSchedule
     tokenizer: Any = None
+    pretrained: Any = None  # loaded base weights (host arrays) for `model_factory(rngs, pretrained)`; None = none
 
 
 def build_experiment(config: ExperimentConfig) -> Experiment:
@@ -393,14 +394,22 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         raise ConfigError(f"model.latents=pixel needs a UNet with 3 input channels, this one has "
                           f"{unet_config.in_channels}")
 
-    def model_factory(rngs: nnx.Rngs) -> TrainModel:
+    # The loaded weights travel as an argument of the trainer's init jit (`pretrained`), not as constants
+    # captured by this closure: at Stable Diffusion size those would be gigabytes baked into the program.
+    pretrained = None if loaded is None else {
+        name: getattr(loaded, name)[1] for name in ("unet", "vae", "text_encoder") if getattr(loaded, name)}
+
+    def model_factory(rngs: nnx.Rngs, weights_in: Any = None) -> TrainModel:
         if loaded is None:
             unet = UNet2DConditionModel(unet_config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
             vae = text_encoder = None
         else:
-            unet = nnx.merge(*loaded.unet)
-            vae = nnx.merge(*loaded.vae) if loaded.vae is not None else None
-            text_encoder = nnx.merge(*loaded.text_encoder) if loaded.text_encoder is not None else None
+            states = weights_in if weights_in is not None else pretrained
+
+            def merged(name):
+                return nnx.merge(getattr(loaded, name)[0], states[name]) if name in states else None
+
+            unet, vae, text_encoder = merged("unet"), merged("vae"), merged("text_encoder")
         return TrainModel(_prepare_unet(unet, config, rngs), vae, text_encoder)
 
     loss_fn = make_loss(config, schedule=schedule, empty_ids=empty_ids, empty_text_emb=empty_text,
@@ -449,7 +458,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         return DeviceBatches(make_pipeline(source, pc), IMAGE_KEYS)
 
     return Experiment(config, model_factory, loss_fn, batch_iterator_factory, trainable_selector(config),
-                      unet_config, schedule, tokenizer)
+                      unet_config, schedule, tokenizer, pretrained)
 
 
 def run(config: ExperimentConfig, workdir: Optional[str] = None):
@@ -458,7 +467,7 @@ def run(config: ExperimentConfig, workdir: Optional[str] = None):
 
     exp = build_experiment(config)
     return train(config, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory, workdir,
-                 trainable=exp.trainable)
+                 trainable=exp.trainable, pretrained=exp.pretrained)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -112,3 +112,27 @@ def test_bad_config_fails_before_loading(override, message, tmp_path, capsys):
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # failed before any weights were read or written
+
+
+def test_loaded_weights_are_init_arguments_not_program_constants():
+    """The base weights reach the init jit as arguments: the same initial state as capturing them in the
+    factory's closure, but the lowered program no longer carries them (at SD size: gigabytes of constants)."""
+    import jax
+    import numpy as np
+
+    from fusion_jax import config as config_lib, experiment
+    from fusion_jax.parallel import make_mesh
+    from fusion_jax.training import Trainer
+
+    cfg = config_lib.load_config(TINY_YAML, ["workdir=/tmp/unused", "mesh.data=1"])
+    exp = experiment.build_experiment(cfg)
+    mesh = make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    as_args = Trainer(exp.model_factory, exp.loss_fn, cfg.train, mesh, trainable=exp.trainable,
+                      pretrained=exp.pretrained)
+    as_constants = Trainer(exp.model_factory, exp.loss_fn, cfg.train, mesh, trainable=exp.trainable)
+    for a, b in zip(jax.tree.leaves(as_args.init()), jax.tree.leaves(as_constants.init())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    weight_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(exp.pretrained))
+    program_with_args = len(as_args._init.lower(as_args.pretrained).as_text())
+    program_with_constants = len(as_constants._init.lower(None).as_text())
+    assert program_with_args < weight_bytes < program_with_constants

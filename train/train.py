@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
                 config.objective.name, config.data.source, config.train.trainable, config.workdir)
     try:
         result = train(config, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory, config.workdir,
+                       pretrained=exp.pretrained,
                        trainable=exp.trainable)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

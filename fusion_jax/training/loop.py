@@ -98,6 +98,7 @@ def train(
     *,
     sample_fn: Optional[SampleFn] = None,
     trainable: Optional[Any] = None,
+    pretrained: Optional[Any] = None,
 ) -> TrainResult:
     """Trains `config.train.steps` steps (resuming from WORKDIR/checkpoints when there is a checkpoint).
 
@@ -109,6 +110,8 @@ def train(
       workdir: run directory (default `config.workdir`).
       sample_fn: optional hook called every `logging.sample_every` steps.
       trainable: nnx filter overriding `config.train.trainable`.
+      pretrained: host arrays handed to `model_factory(rngs, pretrained)` as arguments of the init jit (see
+        `Trainer`); None calls `model_factory(rngs)`.
     """
     workdir = workdir or config.workdir
     mesh = _check_before_compiling(config, workdir)
@@ -118,7 +121,7 @@ def train(
     if jax.process_index() == 0:
         save_config(config, os.path.join(workdir, "config.yaml"))
 
-    trainer = Trainer(model_factory, loss_fn, tcfg, mesh, trainable=trainable)
+    trainer = Trainer(model_factory, loss_fn, tcfg, mesh, trainable=trainable, pretrained=pretrained)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), ccfg)
     batches = batch_iterator_factory(config)
     resumed_from = checkpointer.latest_step() if ccfg.resume else None

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -63,6 +64,9 @@ class Trainer:
       cfg: the `train` config section.
       mesh: the device mesh (`parallel.make_mesh`).
       trainable: nnx filter choosing the trained params; default from `cfg.trainable`.
+      pretrained: optional pytree of host arrays (e.g. loaded base weights). When given, the factory is called
+        as `model_factory(rngs, pretrained)` inside the init jit with these arrays as its *arguments*, so large
+        checkpoints are transferred to the devices instead of being baked into the program as constants.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class Trainer:
         cfg: TrainConfig,
         mesh: Mesh,
         trainable: Optional[Any] = None,
+        pretrained: Optional[Any] = None,
     ):
         if cfg.grad_accum < 1:
             raise ConfigError(f"train.grad_accum={cfg.grad_accum}: must be >= 1")
@@ -81,14 +86,17 @@ class Trainer:
         self.mesh = mesh
         self.loss_fn = loss_fn
         self.model_factory = model_factory
+        self.pretrained = pretrained
         self.trainable = trainable if trainable is not None else trainable_filter(cfg.trainable)
         self.tx, self.schedule = make_optimizer(cfg)
 
-        abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(cfg.seed)))
+        abstract_pretrained = None if pretrained is None else jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), pretrained)
+        abstract_model = nnx.eval_shape(lambda: self._make_model(abstract_pretrained))
         self.graphdef, abstract_params, _ = nnx.split(abstract_model, self.trainable, ...)
         check_trainable(abstract_params, cfg.trainable)
 
-        self.abstract_state = jax.eval_shape(self._init_fn)
+        self.abstract_state = jax.eval_shape(self._init_fn, abstract_pretrained)
         self.state_shardings = tree_shardings(self.abstract_state, mesh)
         self.batch_sharding = batch_sharding(mesh)
         replicated = NamedSharding(mesh, P())
@@ -102,9 +110,13 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------------
 
-    def _init_fn(self) -> TrainState:
+    def _make_model(self, pretrained):
+        rngs = nnx.Rngs(self.cfg.seed)
+        return self.model_factory(rngs) if self.pretrained is None else self.model_factory(rngs, pretrained)
+
+    def _init_fn(self, pretrained=None) -> TrainState:
         cfg = self.cfg
-        model = self.model_factory(nnx.Rngs(cfg.seed))
+        model = self._make_model(pretrained)
         _, params, frozen = nnx.split(model, self.trainable, ...)
         params = cast_floating(params, DTYPES[cfg.param_dtype])
         return TrainState(
@@ -119,7 +131,7 @@ class Trainer:
 
     def init(self) -> TrainState:
         """A freshly initialised, sharded state (initialised under jit, directly into its shardings)."""
-        return self._init()
+        return self._init(self.pretrained)
 
     def abstract_state_for(self, mesh: Mesh) -> Any:
         """ShapeDtypeStructs carrying the shardings of `mesh`: the restore target for another mesh/device count."""

@@ -132,3 +132,25 @@ def x0_from_vp_output(prediction_type: str, model_output, x, sqrt_alpha, sqrt_on
     if prediction_type == "v_prediction":
         return sqrt_alpha * x - sqrt_one_minus_alpha * model_output
     return model_output
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaTableSampler(Sampler):
+    """A sampler whose steps are defined by a table of noise levels sigma (Euler family, DPM-Solver++).
+
+    Subclasses compute `_sigmas_and_timesteps` (host, float64): sigmas of shape (num_steps + 1,), the last one
+    the level after the final step, and the model timesteps of shape (num_steps,).
+    """
+
+    @functools.cached_property
+    def _sigmas_and_timesteps(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _host_timesteps(self) -> np.ndarray:
+        return self._sigmas_and_timesteps[1]
+
+    @property
+    def sigmas(self) -> jax.Array:
+        """Noise levels sigma = sqrt((1-a)/a), shape (num_steps + 1,), float32; the last follows the final step."""
+        return self._table(self._sigmas_and_timesteps[0])

@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax.schedulers.base import Sampler, SamplerState, x0_from_vp_output
+from fusion_jax.schedulers.base import SigmaTableSampler, SamplerState, x0_from_vp_output
 from fusion_jax.schedulers.spacing import dpm_solver_timesteps, interpolate_sigmas, karras_sigmas, sigma_to_timestep
 
 _LOWER_ORDER_FINAL_MAX_STEPS = 15  # diffusers lowers the final order only below this many steps
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverPlusPlus2MSampler(Sampler):
+class DPMSolverPlusPlus2MSampler(SigmaTableSampler):
     """Second-order multistep DPM-Solver++ on the data (x0) prediction; state = the previous x0 prediction."""
 
     name: ClassVar[str] = "dpmpp_2m"
@@ -51,15 +51,6 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         timesteps = np.trunc(timesteps)
         final_sigma = train_sigmas[0] if s.final_sigmas_type == "sigma_min" else 0.0
         return np.concatenate([sigmas, [final_sigma]]), timesteps
-
-    @functools.cached_property
-    def _host_timesteps(self) -> np.ndarray:
-        return self._sigmas_and_timesteps[1]
-
-    @property
-    def sigmas(self) -> jax.Array:
-        """Noise levels sigma = sqrt((1-a)/a), shape (num_steps + 1,), float32; the last follows the final step."""
-        return self._table(self._sigmas_and_timesteps[0])
 
     @functools.cached_property
     def _coefficients(self) -> dict[str, np.ndarray]:

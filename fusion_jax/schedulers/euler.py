@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax.schedulers.base import Sampler, SamplerState
+from fusion_jax.schedulers.base import SigmaTableSampler, SamplerState
 from fusion_jax.schedulers.spacing import interpolate_sigmas, karras_sigmas, sigma_to_timestep, spaced_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
-class _SigmaSampler(Sampler):
+class _SigmaSampler(SigmaTableSampler):
     """Shared parts of the sigma-space samplers: sigma tables, input scaling, x0 prediction."""
 
     default_spacing: ClassVar[str] = "linspace"
@@ -41,15 +41,6 @@ class _SigmaSampler(Sampler):
             timesteps = sigma_to_timestep(sigmas, train_sigmas)
         final_sigma = train_sigmas[0] if self.supports_karras and s.final_sigmas_type == "sigma_min" else 0.0
         return np.concatenate([sigmas, [final_sigma]]), timesteps
-
-    @functools.cached_property
-    def _host_timesteps(self) -> np.ndarray:
-        return self._sigmas_and_timesteps[1]
-
-    @property
-    def sigmas(self) -> jax.Array:
-        """Noise levels, shape (num_steps + 1,), float32; the last is the level after the final step."""
-        return self._table(self._sigmas_and_timesteps[0])
 
     @property
     def init_noise_sigma(self) -> float:

@@ -53,6 +53,12 @@ class MiniatureModelConfig:
     text_layers: int = 2  # text encoder transformer layers (random, frozen)
     heads: int = 4  # attention heads in the UNet cross-attention blocks
     seed: int = 0  # seed of the random initial weights
+    # Noise schedule written to scheduler/ (read by training and sampling): see benchmarks/RESULTS.md for why.
+    # x0 ('sample') prediction on a cosine schedule: the tiny pixel UNet makes images within a few hundred steps;
+    # SD's epsilon / scaled_linear (and v_prediction) still sampled pure noise after 150-300 steps.
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "sample"
+    rescale_betas_zero_snr: bool = False
 
 
 def caption_vocabulary() -> list[str]:
@@ -120,12 +126,19 @@ def miniature_unet_config(cfg: MiniatureModelConfig):
     )
 
 
+def miniature_schedule(cfg: MiniatureModelConfig):
+    """The pipeline's noise schedule (training target and sampler)."""
+    from fusion_jax.schedulers import NoiseSchedule
+
+    return NoiseSchedule(beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
+                         rescale_betas_zero_snr=cfg.rescale_betas_zero_snr)
+
+
 def write_miniature_pipeline(path: str | os.PathLike, cfg: MiniatureModelConfig = MiniatureModelConfig()) -> Path:
     """Writes the miniature pipeline folder (diffusers layout) once; an existing complete folder is kept."""
     from fusion_jax.models.clip import CLIPTextConfig, CLIPTextModel
     from fusion_jax.models.unet import UNet2DConditionModel
     from fusion_jax.models.vae import AutoencoderKL
-    from fusion_jax.schedulers import NoiseSchedule
     from fusion_jax.tiny import BOS_TOKEN, EOS_TOKEN, _random_model, _write_json, tiny_vae_config
 
     root = Path(path)
@@ -152,7 +165,7 @@ def write_miniature_pipeline(path: str | os.PathLike, cfg: MiniatureModelConfig 
     weights.save_vae(vae, tmp / "vae")
     weights.save_unet(unet, tmp / "unet")
     _write_json(tmp / "scheduler" / "scheduler_config.json",
-                {"_class_name": "DDIMScheduler", **NoiseSchedule().to_diffusers_config()})
+                {"_class_name": "DDIMScheduler", **miniature_schedule(cfg).to_diffusers_config()})
     _write_json(tmp / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -422,8 +435,8 @@ class QuickstartConfig:
     """Everything `infer/quickstart.py` does (defaults: about 10 minutes on 2 idle CPU cores)."""
 
     out: str  # output folder: pipeline/, base/, base_pipeline/, fusion/, metrics/, grid.png, metrics.json
-    base_steps: int = 300  # text-to-image steps of the base model
-    fusion_steps: int = 150  # Face Fusion steps on top of it (identity projections only)
+    base_steps: int = 600  # text-to-image steps of the base model
+    fusion_steps: int = 200  # Face Fusion steps on top of it (identity projections only)
     batch_size: int = 16  # training batch (both stages)
     widths: tuple[int, ...] = (16, 32, 64)  # UNet channels per resolution
     identities: int = 8  # held-out identities evaluated

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
-    parser.add_argument("--steps", type=int, default=None, help="base-model steps (default 300; Face Fusion: half)")
-    parser.add_argument("--fusion-steps", type=int, default=None, help="Face Fusion steps (default steps / 2)")
+    parser.add_argument("--steps", type=int, default=None, help="base-model steps (default 600; Face Fusion: a third)")
+    parser.add_argument("--fusion-steps", type=int, default=None, help="Face Fusion steps (default 200, or steps / 3 with --steps)")
     parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 8)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
                   grid_rows=4, sample_steps=2, metric_setup="fast")
     if args.steps is not None:
         kw["base_steps"] = args.steps
-        kw.setdefault("fusion_steps", max(1, args.steps // 2))
+        kw.setdefault("fusion_steps", max(1, args.steps // 3))
     if args.fusion_steps is not None:
         kw["fusion_steps"] = args.fusion_steps
     for name in ("identities", "prompts", "sample_steps"):
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         if name in kw and kw[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
     if args.steps is not None and args.fusion_steps is None and not args.fast:
-        kw["fusion_steps"] = max(1, args.steps // 2)
+        kw["fusion_steps"] = max(1, args.steps // 3)
     quickstart(QuickstartConfig(out=args.out, **kw))
     return 0
 

@@ -436,7 +436,11 @@ class QuickstartConfig:
 
     out: str  # output folder: pipeline/, base/, base_pipeline/, fusion/, metrics/, grid.png, metrics.json
     base_steps: int = 600  # text-to-image steps of the base model
-    fusion_steps: int = 200  # Face Fusion steps on top of it (identity projections only)
+    fusion_steps: int = 200  # Face Fusion steps on top of it
+    # What Face Fusion trains here: identity projections + rank-4 LoRA adapters of the UNet attention (SimTarget
+    # with 1 reference 0.104 vs 0.071 for the projections only at 200 steps; benchmarks/RESULTS.md), and its lr.
+    fusion_trainable: str = "identity+lora"
+    fusion_lr: float = 2e-3
     batch_size: int = 16  # training batch (both stages)
     widths: tuple[int, ...] = (16, 32, 64)  # UNet channels per resolution
     identities: int = 8  # held-out identities evaluated
@@ -535,7 +539,9 @@ def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dic
     start = time.perf_counter()
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
-    base, fusion, model_cfg = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths)
+    base, fusion, model_cfg = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths,
+                                            extra_fusion=(f"train.trainable={cfg.fusion_trainable}",
+                                                          f"train.lr={cfg.fusion_lr}"))
     timings = prepare_models(out, base, fusion, model_cfg, log)
 
     log(f"[4/5] metric models (identity embedder + attribute reader, setup '{cfg.metric_setup}'; cached)")

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-TINY_PIPELINE_DIR = Path("~/.cache/fusion_jax/tiny-pipeline").expanduser()
 PNG_SETTINGS_KEY = "fusion_jax"
 
 
@@ -20,11 +19,9 @@ def load_pipeline_arg(model: str, dtype: str = "float32"):
     from fusion_jax import weights
 
     if model == "tiny":
-        from fusion_jax import tiny
+        from fusion_jax.tiny import tiny_pipeline_dir
 
-        if not (TINY_PIPELINE_DIR / "model_index.json").is_file():
-            tiny.write_tiny_pipeline(TINY_PIPELINE_DIR)
-        model = str(TINY_PIPELINE_DIR)
+        model = str(tiny_pipeline_dir())
     return weights.load_pipeline(model, dtype=jnp.dtype(dtype))
 
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,6 +44,7 @@ from fusion_jax.config import ConfigError, ExperimentConfig
 from fusion_jax.identity import fusion as fusion_lib
 from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig, set_attention_kernel, set_remat
 from fusion_jax.schedulers import NoiseSchedule, add_noise, training_target
+from fusion_jax.tiny import tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
 
@@ -125,28 +125,6 @@ class TrainModel(nnx.Module):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
-
-
-def tiny_pipeline_dir(cache_dir: str = "") -> Path:
-    """The project's tiny random pipeline, written once (atomically) under `cache_dir` and reused."""
-    if not cache_dir:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        cache_dir = os.path.join(base, "fusion_jax")
-    folder = Path(cache_dir) / "tiny_pipeline"
-    if (folder / "model_index.json").is_file():
-        return folder
-    from fusion_jax.tiny import write_tiny_pipeline
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny_pipeline.", dir=folder.parent))
-    write_tiny_pipeline(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process won the race: its folder is complete
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 @dataclasses.dataclass

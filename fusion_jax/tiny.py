@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,22 @@ def write_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
         "requires_safety_checker": False,
     })
     return root
+
+
+def tiny_pipeline_dir(cache_dir: str = "") -> Path:
+    """The project's tiny random pipeline, written once (atomically, so parallel processes can race) under
+    `cache_dir` (default $XDG_CACHE_HOME or ~/.cache, then fusion_jax/) and reused."""
+    if not cache_dir:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache_dir = os.path.join(base, "fusion_jax")
+    folder = Path(cache_dir) / "tiny_pipeline"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny_pipeline.", dir=folder.parent))
+    write_tiny_pipeline(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process won the race: its folder is complete
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -439,6 +439,43 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
                       unet_config, schedule, tokenizer, pretrained)
 
 
+@dataclasses.dataclass
+class RestoredRun:
+    """A training run's model as of one checkpoint (see `restore_run`)."""
+
+    model: TrainModel  # params (or EMA params) of the checkpoint merged into the model
+    config: ExperimentConfig  # the run's resolved config (WORKDIR/config.yaml)
+    step: int  # the checkpoint's step
+    used_ema: bool  # True when the EMA params were asked for and the run kept an EMA
+
+
+def restore_run(workdir: str, step: Optional[int] = None, use_ema: bool = False) -> RestoredRun:
+    """Restores WORKDIR's checkpoint (newest, or `step`) onto the local devices, whatever mesh wrote it."""
+    from fusion_jax.config import MeshConfig, load_config
+    from fusion_jax.parallel import make_mesh
+    from fusion_jax.training import Checkpointer, Trainer
+
+    config_path = os.path.join(workdir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{workdir}: no config.yaml (not a training run directory)")
+    config = load_config(config_path)
+    exp = build_experiment(config)
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    trainer = Trainer(exp.model_factory, exp.loss_fn, config.train, mesh, trainable=exp.trainable,
+                      pretrained=exp.pretrained)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                dataclasses.replace(config.checkpoint, async_save=False))
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{workdir}/checkpoints: no checkpoint")
+        state, _, _ = checkpointer.restore(trainer.abstract_state_for(mesh), step)
+    finally:
+        checkpointer.close()
+    return RestoredRun(trainer.model(state, use_ema=use_ema), config, int(step),
+                       bool(use_ema and state.ema is not None))
+
+
 def run(config: ExperimentConfig, workdir: Optional[str] = None):
     """Builds the experiment and trains it (`fusion_jax.training.train`); returns its TrainResult."""
     from fusion_jax.training import train
@@ -539,5 +576,5 @@ def load_face_fusion_unet(export_dir: str | os.PathLike, **kwargs) -> nnx.Module
 
 __all__ = [
     "Experiment", "TrainModel", "UNET_PRESETS", "build_experiment", "check_config", "export_face_fusion",
-    "load_face_fusion_unet", "load_identity_modules", "make_loss", "run", "tiny_pipeline_dir", "trainable_selector",
+    "load_face_fusion_unet", "load_identity_modules", "make_loss", "restore_run", "RestoredRun", "run", "tiny_pipeline_dir", "trainable_selector",
 ]

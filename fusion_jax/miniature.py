@@ -226,28 +226,10 @@ def pixel_pipeline(pipeline_dir: str | os.PathLike, unet: nnx.Module) -> weights
 
 def restore_model(workdir: str, use_ema: bool = True):
     """(TrainModel with the newest checkpoint's params, its resolved config, step) of a finished run."""
-    from fusion_jax.config import ConfigError, MeshConfig, load_config
-    from fusion_jax.experiment import build_experiment
-    from fusion_jax.parallel import make_mesh
-    from fusion_jax.training import Checkpointer, Trainer
+    from fusion_jax.experiment import restore_run
 
-    config_path = os.path.join(workdir, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{workdir}: no config.yaml (not a training run directory)")
-    config = load_config(config_path)
-    exp = build_experiment(config)
-    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-    trainer = Trainer(exp.model_factory, exp.loss_fn, config.train, mesh, trainable=exp.trainable)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                dataclasses.replace(config.checkpoint, async_save=False))
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise ConfigError(f"{workdir}/checkpoints: no checkpoint")
-        state, _, _ = checkpointer.restore(trainer.abstract_state_for(mesh), step)
-    finally:
-        checkpointer.close()
-    return trainer.model(state, use_ema=use_ema), config, step
+    run = restore_run(workdir, use_ema=use_ema)
+    return run.model, run.config, run.step
 
 
 def finished_step(workdir: str) -> Optional[int]:

@@ -13,13 +13,9 @@ from flax import nnx
 
 from fusion_jax import weights
 from fusion_jax.models import clip
+from parity_helpers import rel_l2
 
 REL_TOL = 1e-4
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -16,22 +16,10 @@ from flax import nnx
 from fusion_jax import tiny, weights
 from fusion_jax.models.clip import CLIPTextModel
 from fusion_jax.tokenizer import PromptTokenizer, load_tokenizer
+from parity_helpers import rel_l2, nchw, nhwc
 
 REL_TOL = 1e-4
 PROMPTS = ["a photo of the cat and the dog", "portrait of a woman, smiling!", ""]
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def nchw(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from flax import nnx
 from fusion_jax import weights
 from fusion_jax.models import attention as attention_lib
 from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig, set_attention_kernel
+from parity_helpers import rel_l2
 
 TOL = 1e-4
 
@@ -72,11 +73,6 @@ def jit_forward(model: UNet2DConditionModel):
         return nnx.merge(graphdef, state)(sample, t, ehs, added_cond_kwargs=added)
 
     return lambda *args: forward(state, *args)
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def make_inputs(config: UNetConfig, batch: int, height: int, width: int, seq: int = 7, seed: int = 1):

@@ -12,6 +12,7 @@ from flax import nnx
 
 from fusion_jax import weights
 from fusion_jax.models import vae as vae_lib
+from parity_helpers import rel_l2, nchw, nhwc
 
 REL_TOL = 1e-4
 
@@ -25,19 +26,6 @@ CASES = {
                                   use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5,
                                   shift_factor=0.25),
 }
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def nchw(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def make_pair(case: str, seed: int):

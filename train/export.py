@@ -13,7 +13,6 @@ The checkpoint (newest, or --step) is restored onto the local devices whatever m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -23,34 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def export_run(workdir: str, out: str, step: int | None = None, use_ema: bool = False):
     """Restores WORKDIR's checkpoint and writes the export; returns (out, step)."""
-    from fusion_jax.config import ConfigError, MeshConfig, load_config, to_dict
-    from fusion_jax.experiment import build_experiment, export_face_fusion
-    from fusion_jax.parallel import make_mesh
-    from fusion_jax.training import Checkpointer, Trainer
+    from fusion_jax.config import to_dict
+    from fusion_jax.experiment import export_face_fusion, restore_run
 
-    config_path = os.path.join(workdir, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{workdir}: no config.yaml (not a train/train.py run directory)")
-    config = load_config(config_path)
-    exp = build_experiment(config)
-    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-    trainer = Trainer(exp.model_factory, exp.loss_fn, config.train, mesh, trainable=exp.trainable)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), dataclasses.replace(config.checkpoint,
-                                                                                         async_save=False))
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{workdir}/checkpoints: no checkpoint to export")
-        state, _, _ = checkpointer.restore(trainer.abstract_state_for(mesh), step)
-    finally:
-        checkpointer.close()
-    model = trainer.model(state, use_ema=use_ema)
-    unet = model.unet
+    run = restore_run(workdir, step, use_ema)
+    config = run.config
     fusion_cfg = config.fusion if config.objective.name == "face_fusion" else None
-    export_face_fusion(unet, fusion_cfg, out, extra={"step": int(step), "ema": bool(use_ema and state.ema is not None),
-                                                      "workdir": os.path.abspath(workdir),
-                                                      "objective": to_dict(config.objective)})
-    return out, step
+    export_face_fusion(run.model.unet, fusion_cfg, out, extra={"step": run.step, "ema": run.used_ema,
+                                                                "workdir": os.path.abspath(workdir),
+                                                                "objective": to_dict(config.objective)})
+    return out, run.step
 
 
 def main(argv: list[str]) -> int:

@@ -119,3 +119,69 @@ def load_clip_resnet(
         visual, source=f"{name} (image-tower keys under {prefix!r}, named without it)" if prefix else name,
         ignore=(_BATCH_NORM_COUNTER,),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DALL-E 2 style prior (diffusers PriorTransformer) and its sampler
+# ----------------------------------------------------------------------------------------------------------
+
+# a non-persistent buffer of diffusers' PriorTransformer, present in checkpoints saved by old versions
+_PRIOR_IGNORED = (r"^causal_attention_mask$",)
+
+
+def load_prior(
+    path: str | os.PathLike,
+    *,
+    subfolder: str = "prior",
+    expected_embedding_dim: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+):
+    """A diffusers PriorTransformer folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a pipeline
+    folder / HF cache entry with it under `subfolder` -> `prior.PriorTransformer`.
+
+    `expected_embedding_dim`: the CLIP embedding width the caller's encoders produce (ViT-L/14: 768); a prior of
+    another width is an error naming the folder, rather than a shape error deep inside sampling.
+    """
+    from fusion_jax.models.prior import PriorConfig, PriorTransformer
+
+    folder = weights.component_dir(path, subfolder)
+    try:
+        config = PriorConfig.from_dict(weights.read_config(folder))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
+    if expected_embedding_dim is not None:
+        widths = {"embedding_dim": config.embedding_dim, "clip_embed_dim": config.output_dim,
+                  "embedding_proj_dim": config.text_embed_dim}
+        wrong = {k: v for k, v in widths.items() if v != expected_embedding_dim}
+        if wrong:
+            raise CheckpointError(f"prior {folder} works on CLIP embeddings of width {wrong} but "
+                                  f"{expected_embedding_dim} was expected (a prior for another CLIP model?)")
+    dtype, param_dtype = _dtypes(dtype, param_dtype)
+    tensors = weights.read_component_tensors(folder, weights.DIFFUSERS_WEIGHTS, variant=variant,
+                                             allow_pickle=allow_pickle)
+    return weights.build_from_tensors(
+        lambda: PriorTransformer(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+        tensors, source=str(folder), ignore=_PRIOR_IGNORED,
+    )
+
+
+def load_prior_sampler(path: str | os.PathLike, num_inference_steps: int = 25, *,
+                       subfolders: tuple[str, ...] = ("prior_scheduler", "scheduler")):
+    """The prior's `UnCLIPSampler` from `scheduler_config.json` in `path` itself or the first of `subfolders`
+    that has one (Karlo: `prior_scheduler/`, Kandinsky's prior: `scheduler/`)."""
+    from fusion_jax.schedulers.unclip import UnCLIPSampler
+
+    root = weights.resolve_model_path(path)
+    for candidate in (root, *(root / s for s in subfolders)):
+        file = candidate / "scheduler_config.json"
+        if file.is_file():
+            with open(file) as f:
+                config = json.load(f)
+            try:
+                return UnCLIPSampler.from_diffusers_config(config, num_inference_steps)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{file}: {e}") from e
+    raise CheckpointError(f"no scheduler_config.json in {root} or its {', '.join(subfolders)} subfolders")

@@ -121,9 +121,10 @@ class Abstract:
             raise ValueError(f"--reference-size {self.reference_size} and the image side {self.image} must be "
                              f"multiples of the VAE factor {self.vae_factor}")
 
-    def models(self, fusion_cfg):
-        """(graphdefs, abstract states) of (unet, vae, text_encoder); identity projections when fusion_cfg."""
-        from fusion_jax.identity import fusion
+    def models(self, identity_cfg):
+        """(graphdefs, abstract states) of (identity model or unet, vae, text_encoder); the identity method's modules
+        (the method whose config `identity_cfg` is) when given."""
+        from fusion_jax.identity import base as identity_base
         from fusion_jax.models.clip import CLIPTextModel
         from fusion_jax.models.unet import UNet2DConditionModel
         from fusion_jax.models.vae import AutoencoderKL
@@ -131,8 +132,8 @@ class Abstract:
         def build():
             rngs = nnx.Rngs(0)
             unet = UNet2DConditionModel(self.unet_cfg, rngs=rngs)
-            if fusion_cfg is not None:
-                fusion.attach_identity_projections(unet, fusion_cfg, rngs=rngs)
+            if identity_cfg is not None:
+                unet = identity_base.for_config(identity_cfg).attach(unet, identity_cfg, rngs=rngs)
             return unet, AutoencoderKL(self.vae_cfg, rngs=rngs), CLIPTextModel(self.text_cfg, rngs=rngs)
 
         graphdefs, states = zip(*(nnx.split(m) for m in nnx.eval_shape(build)))
@@ -145,6 +146,7 @@ class Abstract:
                                        reference_guidance=case.guidance)
 
     def fusion_cfg(self, case: Case):
+        """The identity method config of `case` (Face Fusion's; None without references)."""
         from fusion_jax.identity import fusion
 
         return fusion.FusionConfig(reference_timestep=case.reference_timestep) if case.references else None
@@ -181,10 +183,24 @@ def _abstract_key():
     return jax.eval_shape(lambda: jax.random.key(0))
 
 
-def one_off_fn(ab: Abstract, case: Case, graphdefs):
-    """Jitted: text encode + reference encoding (VAE encoder; for `fixed` also the UNet reference branch) + decode.
-    Returns everything it computes (nothing is dead code) and the step's inputs."""
+def _abstract_key_value():
+    """A concrete key for the once-per-image part inside the trace (the methods here draw no noise there)."""
+    return jax.random.key(0)
+
+
+def _parts(ab: Abstract, out: dict, inputs: dict):
     from fusion_jax import sampling
+
+    return sampling.reference_parts(out["text_uncond"], out["text_cond"], out["empty_text"], out["ref_latents"],
+                                    inputs, ab.schedule)
+
+
+def one_off_fn(ab: Abstract, case: Case, graphdefs):
+    """Jitted: text encode + reference encoding (VAE encoder, and whatever the method computes once per image,
+    e.g. Face Fusion's `fixed` reference branch) + decode. Returns everything it computes (nothing is dead code)
+    and the step's inputs."""
+    from fusion_jax import sampling
+    from fusion_jax.identity import base as identity_base
 
     cfg, fusion_cfg = ab.sampling_cfg(case), ab.fusion_cfg(case)
 
@@ -196,10 +212,8 @@ def one_off_fn(ab: Abstract, case: Case, graphdefs):
             empty = text_encoder(inputs["empty_ids"]).last_hidden_state
             ref_latents = sampling.encode_reference_images(vae, inputs["references"].astype(jnp.float32))
             out.update(empty_text=empty, ref_latents=ref_latents)
-            if fusion_cfg.reference_timestep == "fixed":
-                encode = sampling.reference_encoder(unet, ref_latents, empty, (inputs["strength"],
-                                                    inputs["reference_valid"], None), fusion_cfg, ab.schedule, 1)
-                out["fixed_context"] = encode()
+            method = identity_base.for_config(fusion_cfg)
+            out["cache"] = method.encode_references(unet, fusion_cfg, _parts(ab, out, inputs), _abstract_key_value())
         out["image"] = sampling.decode_latents(vae, latents, cfg.output)
         return out
 
@@ -209,6 +223,7 @@ def one_off_fn(ab: Abstract, case: Case, graphdefs):
 def step_fn(ab: Abstract, case: Case, graphdefs):
     """Jitted: one guided denoising step, the sampler's own loop body, at a traced step index."""
     from fusion_jax import sampling
+    from fusion_jax.identity import base as identity_base
 
     cfg, fusion_cfg = ab.sampling_cfg(case), ab.fusion_cfg(case)
 
@@ -218,11 +233,9 @@ def step_fn(ab: Abstract, case: Case, graphdefs):
         if not case.references:
             step = sampling.denoise_step_fn(unet, sampler, parts["text_uncond"], parts["text_cond"], key, cfg)
         else:
-            encode = sampling.reference_encoder(unet, parts["ref_latents"], parts["empty_text"],
-                                                (inputs["strength"], inputs["reference_valid"], None), fusion_cfg,
-                                                ab.schedule, 1)
-            step = sampling.reference_step_fn(unet, sampler, parts["text_uncond"], parts["text_cond"], encode,
-                                              parts.get("fixed_context"), parts["ref_latents"], key, cfg)
+            method = identity_base.for_config(fusion_cfg)
+            step = sampling.reference_step_fn(unet, sampler, method, fusion_cfg, _parts(ab, parts, inputs),
+                                              parts.get("cache"), key, cfg)
         return step(i, (x, sampler_state))
 
     return jax.jit(run)

@@ -63,51 +63,45 @@ def save_grid(path: Path, images: Sequence[np.ndarray], columns: int | None = No
 
 
 def attach_identity_modules(pipeline, identity_weights: str | Path | None, dtype: str = "float32",
-                            fusion_cfg=None, flag: str = "--identity-weights"):
-    """Give the pipeline's UNet Face Fusion identity projections; returns (pipeline, FusionConfig, trained).
+                            method_cfg=None, flag: str = "--identity-weights", method: str | None = None):
+    """Give the pipeline's UNet an identity method's modules; returns (pipeline, method, cfg, trained).
 
     With `identity_weights` (a `train/export.py` folder, or its `identity/` subfolder): the exported UNet (when the
-    folder has `unet/`, so LoRA / fully trained runs come back whole) with its identity modules, checked to have the
-    pipeline UNet's architecture. Without: fresh, untrained projections from `fusion_cfg` (default FusionConfig()).
+    folder has `unet/`, so LoRA / fully trained runs come back whole) with the exported method's modules, checked
+    to have the pipeline UNet's architecture; `method` (a name), when given, must be the exported one. Without:
+    fresh, untrained modules of `method` (default: the default method) from `method_cfg` (default: its defaults).
     """
     import dataclasses
 
     import jax.numpy as jnp
 
-    from fusion_jax import experiment
-    from fusion_jax.identity import fusion
+    from fusion_jax.identity import base as identity_base
+    from fusion_jax.identity import export as identity_export
 
+    try:
+        chosen = identity_base.get(method, what="--method") if method is not None else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if identity_weights is None:
-        cfg = fusion_cfg or fusion.FusionConfig()
-        fusion.attach_identity_projections(pipeline.unet, cfg)
-        return pipeline, cfg, False
-    folder = Path(identity_weights)
-    root = folder.parent if folder.name == experiment.IDENTITY_DIR else folder
-    if not (root / experiment.IDENTITY_DIR / experiment.IDENTITY_CONFIG).is_file():
-        raise SystemExit(f"{flag} {identity_weights}: no {experiment.IDENTITY_DIR}/{experiment.IDENTITY_CONFIG} there "
-                         "(expected a folder written by train/export.py)")
+        chosen = chosen or identity_base.default_method()
+        cfg = method_cfg if method_cfg is not None else chosen.config_class()
+        model = chosen.attach(pipeline.unet, cfg)
+        return dataclasses.replace(pipeline, unet=model), chosen, cfg, False
+    folder = identity_export.identity_folder(identity_weights)
+    if folder is None:
+        raise SystemExit(f"{flag} {identity_weights}: no {identity_export.IDENTITY_DIR}/{identity_export.IDENTITY_CONFIG}"
+                         " there (expected a folder written by train/export.py)")
+    root = folder.parent if folder.name == identity_export.IDENTITY_DIR else folder
     try:
         if (root / "unet" / "config.json").is_file():
-            unet = experiment.load_face_fusion_unet(root, dtype=jnp.dtype(dtype))
-            base, ours = pipeline.unet.config.to_dict(), unet.config.to_dict()
+            model, exported, cfg = identity_export.load_identity_model(root, chosen, dtype=jnp.dtype(dtype))
+            base, ours = pipeline.unet.config.to_dict(), exported.base_unet(model).config.to_dict()
             if base != ours:
                 diff = sorted(k for k in set(base) | set(ours) if base.get(k) != ours.get(k))
                 raise SystemExit(f"{flag} {identity_weights}: the exported UNet differs from --model's UNet in "
                                  f"{diff[:8]}; export and base model must match")
-            pipeline = dataclasses.replace(pipeline, unet=unet)
-            with open(root / experiment.IDENTITY_DIR / experiment.IDENTITY_CONFIG) as f:
-                cfg = _fusion_config(json.load(f))
         else:
-            cfg = experiment.load_identity_modules(pipeline.unet, root)
+            model, exported, cfg = identity_export.load_identity_tensors(pipeline.unet, root, chosen)
     except (ValueError, OSError, KeyError) as e:
         raise SystemExit(f"{flag} {identity_weights}: cannot load the identity modules ({e})") from e
-    return pipeline, cfg, True
-
-
-def _fusion_config(meta: dict):
-    from fusion_jax.identity import fusion
-
-    raw = dict(meta.get("fusion") or {})
-    if "blocks" in raw:
-        raw["blocks"] = tuple(raw["blocks"])
-    return fusion.FusionConfig(**raw)
+    return dataclasses.replace(pipeline, unet=model), exported, cfg, True

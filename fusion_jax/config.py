@@ -14,6 +14,9 @@ How a config is resolved (`load_config`):
 
 Adding a section owned by another module is one line in `ExperimentConfig`:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the UNet
+Identity methods register their own sections instead (`register_section`, called by
+`fusion_jax.identity.base.register`): `fusion:` for Face Fusion, `flashface:` for FlashFace, ... are top-level keys
+like the others, but this module never imports a method; `config.fusion` reads the registered section.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import yaml
 # Sections owned by other modules, reused as they are (their fields are the YAML keys).
 from fusion_jax.data.pipeline import PipelineConfig
 from fusion_jax.data.synthfaces import SynthFaceConfig
-from fusion_jax.identity.fusion import FusionConfig
 
 
 class ConfigError(ValueError):
@@ -142,10 +144,14 @@ class ModelConfig:
 class ObjectiveConfig:
     """What is trained."""
 
-    # text_to_image = the plain denoising loss with text dropout (base models); face_fusion = Face Fusion's
-    # loss (`identity.fusion.fusion_loss`, settings in the `fusion` section).
-    name: Literal["text_to_image", "face_fusion"] = "face_fusion"
+    # text_to_image = the plain denoising loss with text dropout (base models); any registered identity method
+    # (`fusion_jax.identity.base.names()`: face_fusion, flashface, ...) = that method's loss, with its settings in
+    # its own section (e.g. `fusion` for face_fusion).
+    name: str = "face_fusion"
     text_dropout: float = 0.1  # text_to_image: probability of replacing a caption by the empty prompt
+
+    # Allowed values of str fields that are only known at run time (checked when the file is read; not a field).
+    _config_choices = {"name": lambda: ("text_to_image",) + _identity_method_names()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +167,74 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # batch source
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # networks and latents
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)  # loss
-    fusion: FusionConfig = dataclasses.field(default_factory=FusionConfig)  # Face Fusion (identity/fusion.py)
+    # The registered sections (identity methods' configs), as (name, section) pairs; read them as attributes
+    # (`config.fusion`), write them as top-level YAML keys. Every registered section is present (defaults when the
+    # file does not set it).
+    sections: tuple = ()
+
+    def __getattr__(self, name: str):
+        # Only reached when normal attribute lookup fails: registered sections.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for key, value in self.__dict__.get("sections", ()):
+            if key == name:
+                return value
+        if name in registered_sections():
+            return registered_sections()[name]()  # registered after this config was built: its defaults
+        raise AttributeError(f"{type(self).__name__} has no field or registered section {name!r}")
+
+    def with_section(self, name: str, value: Any) -> "ExperimentConfig":
+        """A copy with registered section `name` replaced by `value`."""
+        if name not in registered_sections():
+            raise ConfigError(f"no registered config section {name!r} (registered: {sorted(registered_sections())})")
+        rest = tuple((k, v) for k, v in self.sections if k != name)
+        return dataclasses.replace(self, sections=tuple(sorted(rest + ((name, value),))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registered sections (identity methods).
+# ----------------------------------------------------------------------------------------------------------------
+
+_REGISTERED: dict[str, tuple[type, str]] = {}  # section name -> (dataclass, owner description)
+
+
+def register_section(name: str, cls: type, owner: str = "") -> None:
+    """Add a top-level section `name` of dataclass `cls` to ExperimentConfig (called when a method registers)."""
+    static = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if name in static:
+        raise ValueError(f"config section {name!r} ({owner}) clashes with a built-in ExperimentConfig field")
+    if name in _REGISTERED and _REGISTERED[name][0] is not cls:
+        raise ValueError(f"config section {name!r} is already registered by {_REGISTERED[name][1]}")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"config section {name!r} ({owner}) must be a dataclass, got {cls!r}")
+    _REGISTERED[name] = (cls, owner)
+
+
+def _load_plugins() -> None:
+    from fusion_jax.identity import base
+
+    base.names()  # imports the built-in identity methods, which register their sections
+
+
+def registered_sections() -> dict[str, type]:
+    """Section name -> dataclass of every registered section (built-in identity methods loaded first)."""
+    _load_plugins()
+    return {name: cls for name, (cls, _) in _REGISTERED.items()}
+
+
+def _identity_method_names() -> tuple[str, ...]:
+    from fusion_jax.identity import base
+
+    return base.names()
+
+
+def _schema(cls: type) -> dict[str, Any]:
+    """Field name -> type of a config dataclass; ExperimentConfig's registered sections included."""
+    hints = dict(_resolved_hints(cls))
+    if cls is ExperimentConfig:
+        hints.pop("sections")
+        hints.update(registered_sections())
+    return hints
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,20 +356,27 @@ def _validate_mapping(cls: type, data: Any, where: str, prefix: str = "") -> dic
     if not isinstance(data, dict):
         key = prefix.rstrip(".") or "<root>"
         raise ConfigError(f"{where}: key '{key}': expected a mapping (a section), got {type(data).__name__}")
-    hints = _resolved_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = _schema(cls)
     out = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
-        if name not in fields:
-            known = ", ".join(sorted(fields))
+        if name not in hints:
+            known = ", ".join(sorted(hints))
             raise ConfigError(f"{where}: unknown config key '{key}' (known keys here: {known})")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             out[name] = _validate_mapping(tp, value, where, key + ".")
         else:
-            out[name] = _coerce(value, tp, key, where, from_string=False)
+            out[name] = _check_choice(cls, name, _coerce(value, tp, key, where, from_string=False), key, where)
     return out
+
+
+def _check_choice(cls: type, name: str, value: Any, key: str, where: str) -> Any:
+    """Run-time choices of a str field (`_config_choices` of its dataclass), e.g. registered method names."""
+    choices = getattr(cls, "_config_choices", {}).get(name)
+    if choices is not None and value not in choices():
+        raise ConfigError(f"{where}: key '{key}': expected one of {list(choices())}, got {value!r}")
+    return value
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -316,11 +396,15 @@ def from_dict(cls: type, data: dict, where: str = "<dict>") -> Any:
 
 
 def _build(cls: type, data: dict) -> Any:
-    hints = _resolved_hints(cls)
+    hints = _schema(cls)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         kwargs[name] = _build(tp, value) if dataclasses.is_dataclass(tp) else value
+    if cls is ExperimentConfig:
+        registered = registered_sections()
+        kwargs["sections"] = tuple(sorted((name, kwargs.pop(name, None) or section())
+                                          for name, section in registered.items()))
     return cls(**kwargs)
 
 
@@ -328,6 +412,10 @@ def to_dict(cfg: Any) -> dict:
     """Nested plain dict (tuples become lists) suitable for YAML / JSON."""
 
     def plain(v):
+        if isinstance(v, ExperimentConfig):
+            out = {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "sections"}
+            out.update({name: plain(getattr(v, name)) for name in registered_sections()})
+            return out
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (tuple, list)):
@@ -389,14 +477,15 @@ def parse_override(cls: type, override: str) -> dict:
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(node_cls):
             raise ConfigError(f"{where}: unknown config key '{dotted}' ('{'.'.join(parts[:i])}' is not a section)")
-        names = {f.name for f in dataclasses.fields(node_cls)}
-        if part not in names:
-            known = ", ".join(sorted(names))
+        hints = _schema(node_cls)
+        if part not in hints:
+            known = ", ".join(sorted(hints))
             raise ConfigError(f"{where}: unknown config key '{dotted}' (known keys here: {known})")
-        node_cls = _resolved_hints(node_cls)[part]
+        owner_cls, node_cls = node_cls, hints[part]
     if dataclasses.is_dataclass(node_cls):
         raise ConfigError(f"{where}: key '{dotted}' is a section; set its fields, e.g. {dotted}.<field>=...")
-    value = _coerce(text, node_cls, dotted, where, from_string=True)
+    value = _check_choice(owner_cls, parts[-1], _coerce(text, node_cls, dotted, where, from_string=True), dotted,
+                          where)
     out: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         out = {part: out}

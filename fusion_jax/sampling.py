@@ -69,7 +69,8 @@ def latent_shape(pipeline: Pipeline, cfg: SamplingConfig, batch: int) -> tuple[i
     if cfg.height % (f * unet_factor) or cfg.width % (f * unet_factor):
         raise ValueError(f"height and width must be multiples of {f * unet_factor} (VAE factor {f} x UNet factor "
                          f"{unet_factor}); got {cfg.height}x{cfg.width}")
-    return (batch, cfg.height // f, cfg.width // f, pipeline.unet.config.in_channels)
+    # out_channels: the latent's channels even when a method widens the UNet's input (FlashFace's mask channel)
+    return (batch, cfg.height // f, cfg.width // f, pipeline.unet.config.out_channels)
 
 
 def decode_latents(vae, latents, output: str):
@@ -130,52 +131,33 @@ def identity_guided_prediction(unet, x_in, t, text_uncond, text_cond, context, c
     return eps
 
 
-def reference_encoder(unet, ref_latents, empty_text, identity_inputs, fusion_cfg, schedule, batch: int):
-    """`encode(t=0, noise=None) -> IdentityContext`: the reference branch of `denoise_with_references`."""
-    from fusion_jax.identity import fusion
+def reference_parts(text_uncond, text_cond, empty_text, ref_latents, inputs, schedule) -> "SamplingParts":
+    """The traced values an identity method's `encode_references` / `guided_prediction` read."""
+    from fusion_jax.identity.base import SamplingParts
 
-    strength, reference_valid, region_masks = identity_inputs
-
-    def encode(t=0, noise=None):
-        ctx = fusion.encode_references(unet, ref_latents, empty_text, fusion_cfg, timesteps=t, noise=noise,
-                                       schedule=schedule if noise is not None else None, strength=strength,
-                                       reference_valid=reference_valid, batch=batch)
-        return ctx.replace(region_masks=region_masks)
-
-    return encode
+    return SamplingParts(text_uncond=text_uncond, text_cond=text_cond, empty_text=empty_text, ref_latents=ref_latents,
+                         inputs=inputs, schedule=schedule, batch=text_cond.shape[0])
 
 
-def reference_step_fn(unet, sampler, text_uncond, text_cond, encode, fixed_context, ref_latents, key,
-                      cfg: SamplingConfig):
-    """The body of `denoise_with_references`' loop, `(i, (x, state)) -> (x, state)`: one guided step with
-    references (`fixed_context` from `encode()` for `fixed`, None for `current`: re-encoded at step i)."""
+def reference_step_fn(model, sampler, method, method_cfg, parts, cache, key, cfg: SamplingConfig):
+    """The body of `denoise_with_references`' loop, `(i, (x, state)) -> (x, state)`: one step with the identity
+    method's guided prediction (`cache` from its `encode_references`, computed once before the loop)."""
     ref_key, step_key = jax.random.split(key)
 
     def step(i, carry):
         x, state = carry
-        t = sampler.timesteps[i]
-        if fixed_context is None:
-            ref_noise = jax.random.normal(jax.random.fold_in(ref_key, i), ref_latents.shape, jnp.float32)
-            context = encode(jnp.round(t).astype(jnp.int32), ref_noise.astype(ref_latents.dtype))
-        else:
-            context = fixed_context
         x_in = sampler.scale_model_input(x, i)
-        eps = identity_guided_prediction(unet, x_in, t, text_uncond, text_cond, context, cfg)
+        eps = method.guided_prediction(model, method_cfg, cfg, cache, parts, x_in, sampler.timesteps[i], i, ref_key)
         return sampler.step(state, eps, x, i, step_key)
 
     return step
 
 
-def denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empty_text, ref_latents, identity_inputs,
-                            key, cfg: SamplingConfig, fusion_cfg, schedule):
-    """The sampler loop with Face Fusion references.
-
-    `fixed`: the reference branch runs once (references clean, empty prompt) and its per-layer tokens are reused
-    at every step. `current`: the references are noised to each step's timestep and re-encoded every step.
-    """
-    encode = reference_encoder(unet, ref_latents, empty_text, identity_inputs, fusion_cfg, schedule, latents.shape[0])
-    fixed_context = encode() if fusion_cfg.reference_timestep == "fixed" else None
-    step = reference_step_fn(unet, sampler, text_uncond, text_cond, encode, fixed_context, ref_latents, key, cfg)
+def denoise_with_references(model, sampler, latents, parts, key, cfg: SamplingConfig, method, method_cfg):
+    """The sampler loop with an identity method: its once-per-image part (e.g. Face Fusion's `fixed` reference
+    tokens) before the loop, its guided prediction at every step."""
+    cache = method.encode_references(model, method_cfg, parts, key)
+    step = reference_step_fn(model, sampler, method, method_cfg, parts, cache, key, cfg)
     latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents
 
@@ -190,7 +172,7 @@ def encode_reference_images(vae, images):
     return latents.reshape(lead + latents.shape[1:])
 
 
-def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule, fusion_cfg):
+def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule, identity_cfg):
     unet, vae, text_encoder = models
     sampler = _make_sampler(cfg, schedule)
     text_cond = text_encoder(inputs["input_ids"]).last_hidden_state
@@ -199,21 +181,24 @@ def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule,
     if "references" not in inputs:
         latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg)
     else:
+        from fusion_jax.identity import base as identity_base
+
         empty_text = text_encoder(inputs["empty_ids"]).last_hidden_state
         ref_latents = encode_reference_images(vae, inputs["references"].astype(jnp.float32))
-        identity_inputs = (inputs["strength"], inputs["reference_valid"], inputs.get("region_masks"))
-        latents = denoise_with_references(unet, sampler, latents, text_uncond, text_cond, empty_text, ref_latents,
-                                          identity_inputs, key, cfg, fusion_cfg, schedule)
+        parts = reference_parts(text_uncond, text_cond, empty_text, ref_latents, inputs, schedule)
+        latents = denoise_with_references(unet, sampler, latents, parts, key, cfg,
+                                          identity_base.for_config(identity_cfg), identity_cfg)
     return decode_latents(vae, latents, cfg.output)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdefs, cfg: SamplingConfig, schedule, fusion_cfg, mesh: Mesh | None):
-    """One jitted function per (model structure, settings, mesh); jax.jit then caches per input shape."""
+def _compiled(graphdefs, cfg: SamplingConfig, schedule, identity_cfg, mesh: Mesh | None):
+    """One jitted function per (model structure, settings, identity method config, mesh); jax.jit then caches per
+    input shape."""
 
     def run(states, inputs, noise, key):
         models = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, states))
-        return _text_to_image(models, inputs, noise, key, cfg=cfg, schedule=schedule, fusion_cfg=fusion_cfg)
+        return _text_to_image(models, inputs, noise, key, cfg=cfg, schedule=schedule, identity_cfg=identity_cfg)
 
     if mesh is None:
         return jax.jit(run)
@@ -236,6 +221,7 @@ def generate(
     reference_valid=None,
     strength=None,
     boxes=None,
+    identity_cfg=None,
     fusion_cfg=None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
@@ -244,14 +230,16 @@ def generate(
     drawn from `key` for the whole batch at once, so a batch gives the same images however it is sharded.
     With `mesh`, B must be divisible by the mesh's `data` axis.
 
-    Identity (Face Fusion; the UNet must have identity projections attached):
+    Identity (any registered identity method; `pipeline.unet` must be that method's identity model, e.g. the UNet
+    with Face Fusion's projections attached):
       references: aligned reference crops in [-1, 1], (B, N, H, W, 3) for one person or (B, K, N, H, W, 3) for K
-        people; their tokens are concatenated per person.
+        people.
       reference_valid: (B, K, N) bool, False for padding references.
-      strength: identity strength, scalar / (K,) / (B, K) (default fusion_cfg.strength).
-      boxes: (B, K, 4) pixel boxes (x0, y0, x1, y1) of each person's region in the generated image; without
-        them every person is seen everywhere (use boxes whenever K > 1).
-      fusion_cfg: the `FusionConfig` the model was trained with.
+      strength: identity strength, scalar / (K,) / (B, K) (default: the method config's).
+      boxes: (B, K, 4) pixel boxes (x0, y0, x1, y1) of each person's region / face in the generated image (what
+        the method does with them is its own: Face Fusion's region masks, FlashFace's face-position mask).
+      identity_cfg: the method's config (its type selects the method: a FusionConfig -> Face Fusion); default
+        Face Fusion's defaults. `fusion_cfg` is the older name of the same argument.
     """
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -272,55 +260,55 @@ def generate(
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} (batch, h, w, channels); got {tuple(noise.shape)}")
     inputs = {"input_ids": input_ids, "uncond_ids": uncond_ids}
+    if identity_cfg is not None and fusion_cfg is not None:
+        raise ValueError("give identity_cfg or its older name fusion_cfg, not both")
+    identity_cfg = identity_cfg if identity_cfg is not None else fusion_cfg
     if references is not None:
-        fusion_cfg = _identity_inputs(pipeline, cfg, inputs, references, reference_valid, strength, boxes, fusion_cfg,
-                                      batch)
+        from fusion_jax.identity.base import ReferenceRequest
+
+        identity_cfg = _identity_inputs(pipeline, cfg, inputs, ReferenceRequest(references, reference_valid, strength,
+                                                                                boxes), identity_cfg, batch)
     elif boxes is not None or reference_valid is not None:
         raise ValueError("boxes / reference_valid given without references")
+    else:
+        identity_cfg = None  # text only: the identity method takes no part (and is not part of the compile key)
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     graphdefs, states = zip(*(nnx.split(m) for m in models))
-    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, fusion_cfg, mesh)
+    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, identity_cfg, mesh)
     return fn(tuple(states), inputs, jnp.asarray(noise), step_key)
 
 
-def _identity_inputs(pipeline, cfg, inputs, references, reference_valid, strength, boxes, fusion_cfg, batch):
-    """Validate the reference arguments on the host and add them to the jitted function's inputs."""
-    from fusion_jax.identity import fusion
+def _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch):
+    """Validate the reference arguments on the host (the generic ones here, the rest by the method) and add them
+    to the jitted function's inputs; returns the method config in force."""
+    from fusion_jax.identity import base as identity_base
 
-    fusion_cfg = fusion_cfg or fusion.FusionConfig()
-    if not any(block.attn2.has_identity_slot for block in pipeline.unet.transformer_blocks().values()):
-        raise ValueError("references given, but the UNet has no identity projections: load a trained Face Fusion "
-                         "model or call fusion_jax.identity.fusion.attach_identity_projections(unet, cfg) first")
-    refs = jnp.asarray(references, jnp.float32)
+    if identity_cfg is None:
+        identity_cfg = identity_base.default_method().config_class()
+    method = identity_base.for_config(identity_cfg)
+    refs = jnp.asarray(request.references, jnp.float32)
     if refs.ndim == 5:
         refs = refs[:, None]
     if refs.ndim != 6 or refs.shape[-1] != 3 or refs.shape[0] != batch:
         raise ValueError(f"references must be (B={batch}, N, H, W, 3) or (B, K, N, H, W, 3) images in [-1, 1]; "
-                         f"got shape {tuple(np.shape(references))}")
+                         f"got shape {tuple(np.shape(request.references))}")
     f = pipeline.vae_scale_factor
     if refs.shape[3] % f or refs.shape[4] % f:
         raise ValueError(f"references: crop size {refs.shape[3]}x{refs.shape[4]} must be a multiple of {f}")
     k, n = refs.shape[1], refs.shape[2]
+    reference_valid = request.reference_valid
     if reference_valid is None:
         reference_valid = np.ones((batch, k, n), bool)
     reference_valid = jnp.asarray(reference_valid, bool)
     if reference_valid.shape != (batch, k, n):
         raise ValueError(f"reference_valid must be (B, K, N)={(batch, k, n)}, got {reference_valid.shape}")
+    request = dataclasses.replace(request, references=refs, reference_valid=reference_valid)
     inputs.update(references=refs, reference_valid=reference_valid,
-                  strength=fusion.strength_array(fusion_cfg.strength if strength is None else strength, batch, k),
                   empty_ids=jnp.asarray(pipeline.tokenizer([""] * batch), jnp.int32))
-    if boxes is not None:
-        boxes = np.asarray(boxes, np.float64)
-        if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
-            raise ValueError(f"boxes must be (B={batch}, K, 4) pixel (x0, y0, x1, y1); got shape {boxes.shape}")
-        if boxes.shape[1] != k:
-            raise ValueError(f"boxes: {boxes.shape[1]} identity boxes for {k} reference sets; give one box per person")
-        latent = (cfg.height // f, cfg.width // f)
-        inputs["region_masks"] = fusion.region_masks_from_boxes(boxes, (cfg.height, cfg.width),
-                                                                fusion.latent_levels(pipeline.unet, *latent))
-    elif k > 1:
-        raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
-    return fusion_cfg
+    inputs.update(method.sampling_inputs(pipeline.unet, identity_cfg, request, batch=batch,
+                                         image_size=(cfg.height, cfg.width),
+                                         latent_size=(cfg.height // f, cfg.width // f)))
+    return identity_cfg
 
 
 def tokenize(pipeline: Pipeline, prompts: list[str]) -> np.ndarray:

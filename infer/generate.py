@@ -1,4 +1,4 @@
-"""Batch text-to-image (optionally with reference faces: Face Fusion) from the command line.
+"""Batch text-to-image (optionally with reference faces, through any registered identity method) from the command line.
 
     python infer/generate.py --model PATH --prompt "a photo of an astronaut" --out out/
     python infer/generate.py --model tiny --prompts prompts.jsonl --steps 4 --out out/
@@ -17,9 +17,11 @@ References: `--reference [ID:]PATH` (repeatable; ID is the 0-based person index,
 person are concatenated). Each photo's largest face is detected (insightface models from `--face-models`, else
 OpenCV's Haar cascade) and aligned to a `--reference-size` crop (saved under OUT/references/). With several people,
 `--identity-box x0,y0,x1,y1` (pixels of the generated image, one per person, in ID order) says where each goes.
-The identity modules come from `--identity-weights` (a `train/export.py` folder); without it, fresh untrained
-projections are attached (a warning says so; useful only to run the path). Every reference setting (photos, face
-boxes, identity boxes, strengths, guidance) is stored in the PNG metadata.
+The identity modules come from `--identity-weights` (a `train/export.py` folder, whose identity_config.json names
+the method); without it, fresh untrained modules of `--method` (default face_fusion) are attached (a warning says
+so; useful only to run the path). `--method NAME` picks the identity method (face_fusion, single_token, ...; each
+adds its own flags below). Every reference setting (photos, face boxes, identity boxes, strengths, guidance, the
+method and its config) is stored in the PNG metadata.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    r = p.add_argument_group("reference faces (Face Fusion)")
+    r = p.add_argument_group("reference faces (identity methods)")
+    r.add_argument("--method", default=None,
+                   help="identity method (registered: " + ", ".join(_method_names()) + "); default: the one named "
+                        "in --identity-weights, else face_fusion")
     r.add_argument("--reference", action="append", default=[], metavar="[ID:]PATH",
                    help="reference photo of person ID (0-based, default 0); repeatable")
     r.add_argument("--identity-box", action="append", default=[], metavar="x0,y0,x1,y1",
@@ -70,7 +75,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reference crop side in pixels (default: the generated image size)")
     r.add_argument("--reference-margin", type=float, default=0.4,
                    help="crop margin around the aligned face (the training crops use 0.4)")
+    for name in _method_names():  # each method's own flags, in its own group
+        _method(name).add_arguments(p.add_argument_group(f"identity method {name}"))
     return p.parse_args(argv)
+
+
+def _method_names() -> tuple[str, ...]:
+    from fusion_jax.identity import base
+
+    return base.names()
+
+
+def _method(name: str):
+    from fusion_jax.identity import base
+
+    try:
+        return base.get(name, what="--method")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def read_prompts(args) -> list[dict]:
@@ -105,7 +127,7 @@ def check_reference_args(args) -> tuple[list, list, list]:
     if not groups:
         for flag, value in (("--identity-box", args.identity_box), ("--reference-strength", args.reference_strength),
                             ("--identity-weights", args.identity_weights), ("--reference-size", args.reference_size),
-                            ("--reference-max-timestep", args.reference_max_timestep)):
+                            ("--reference-max-timestep", args.reference_max_timestep), ("--method", args.method)):
             if value:
                 raise SystemExit(f"{flag} given without any --reference photo")
     try:  # counts now (before anything loads); the bounds once the image size is known
@@ -114,9 +136,13 @@ def check_reference_args(args) -> tuple[list, list, list]:
             refs.strengths_per_identity(strengths, len(groups), 1.0)
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
+    if args.method is not None:
+        _method(args.method)
     if args.identity_weights is not None:
+        from fusion_jax.identity import export as identity_export
+
         folder = Path(args.identity_weights)
-        if not any((f / "identity" / "identity_config.json").is_file() for f in (folder, folder.parent)):
+        if identity_export.identity_folder(folder) is None:
             raise SystemExit(f"--identity-weights {folder}: no identity/identity_config.json there (expected a "
                              "folder written by train/export.py)")
     if args.reference_size is not None and args.reference_size <= 0:
@@ -132,9 +158,9 @@ def check_reference_args(args) -> tuple[list, list, list]:
 
 
 def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
-    """Photos -> aligned crops, checked boxes and strengths, identity modules on the UNet.
+    """Photos -> aligned crops, checked boxes and strengths, the identity method's modules on the UNet.
 
-    Returns (pipeline, identity inputs for one row, metadata dict)."""
+    Returns (pipeline, identity inputs for one row, metadata dict, the sampling config with the method's flags)."""
     import dataclasses
     import warnings
 
@@ -155,13 +181,18 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
         ref_set = refs.reference_set(groups, analyzer, size, args.reference_margin)
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
-    pipeline, fusion_cfg, trained = cli_utils.attach_identity_modules(pipeline, args.identity_weights, args.dtype)
+    pipeline, method, method_cfg, trained = cli_utils.attach_identity_modules(pipeline, args.identity_weights,
+                                                                              args.dtype, method=args.method)
     if not trained:
         warnings.warn("references given without --identity-weights: the identity modules are fresh and UNTRAINED "
                       "(the references will not produce a likeness; export a trained run with train/export.py)",
                       stacklevel=2)
     try:
-        strength = refs.strengths_per_identity(strengths, num_ids, fusion_cfg.strength)
+        method_cfg, cfg = method.apply_arguments(args, method_cfg, cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        strength = refs.strengths_per_identity(strengths, num_ids, getattr(method_cfg, "strength", 1.0))
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
     crops_dir = args.out / "references"
@@ -169,12 +200,13 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
     for (k, n, crop), record in zip(ref_set.uint8_crops(), ref_set.records):  # both in (identity, index) order
         cli_utils.save_png(crops_dir / f"id{k}_{n}.png", crop, record)
     identity = {"references": ref_set.crops, "reference_valid": ref_set.valid, "strength": strength,
-                "boxes": box_array, "fusion_cfg": fusion_cfg}
+                "boxes": box_array, "identity_cfg": method_cfg}
     meta = {"references": ref_set.records, "identity_boxes": None if box_array is None else box_array.tolist(),
             "reference_strength": strength.tolist(), "reference_size": size,
-            "identity_weights": str(args.identity_weights) if trained else "untrained (fresh projections)",
-            "fusion": dataclasses.asdict(fusion_cfg), "face_detector": analyzer.backend}
-    return pipeline, identity, meta
+            "identity_weights": str(args.identity_weights) if trained else "untrained (fresh modules)",
+            "identity_method": method.name, method.section: dataclasses.asdict(method_cfg),
+            "face_detector": analyzer.backend}
+    return pipeline, identity, meta, cfg
 
 
 def _batch_identity(identity, batch: int) -> dict:
@@ -187,7 +219,7 @@ def _batch_identity(identity, batch: int) -> dict:
     return {"references": rows(identity["references"]), "reference_valid": rows(identity["reference_valid"]),
             "strength": rows(identity["strength"]),
             "boxes": None if identity["boxes"] is None else rows(identity["boxes"]),
-            "fusion_cfg": identity["fusion_cfg"]}
+            "identity_cfg": identity["identity_cfg"]}
 
 
 def main(argv=None) -> int:
@@ -219,7 +251,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     identity, identity_meta = None, {}
     if groups:
-        pipeline, identity, identity_meta = prepare_references(args, pipeline, cfg, groups, boxes, strengths)
+        pipeline, identity, identity_meta, cfg = prepare_references(args, pipeline, cfg, groups, boxes, strengths)
     jobs = [(item, k) for item in items for k in range(args.num_images)]
     images, names = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch"):

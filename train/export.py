@@ -3,10 +3,11 @@
 Writes
   DIR/unet/                       diffusers UNet2DConditionModel folder (config.json + safetensors; LoRA adapters,
                                   if trained, merged into their kernels) -> `UNet2DConditionModel.from_pretrained`
-  DIR/identity/identity_modules.safetensors + identity_config.json
-                                  the Face Fusion identity projections (torch names/layouts) and the FusionConfig
-                                  they were trained with; `fusion_jax.experiment.load_identity_modules(unet, DIR)`
-                                  attaches and fills them on our UNet (`load_face_fusion_unet(DIR)` does both).
+  DIR/identity/<method>.safetensors + identity_config.json
+                                  the identity method's own trained tensors (torch names/layouts; e.g. Face Fusion's
+                                  identity projections) and its config section, naming the method;
+                                  `fusion_jax.identity.export.load_identity_model(DIR)` loads UNet + modules back
+                                  (`infer/generate.py --identity-weights DIR` does it for generation).
 The checkpoint (newest, or --step) is restored onto the local devices whatever mesh wrote it.
 """
 
@@ -23,14 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def export_run(workdir: str, out: str, step: int | None = None, use_ema: bool = False):
     """Restores WORKDIR's checkpoint and writes the export; returns (out, step)."""
     from fusion_jax.config import to_dict
-    from fusion_jax.experiment import export_face_fusion, restore_run
+    from fusion_jax.experiment import restore_run
+    from fusion_jax.experiment.restore import export_run as export_restored
 
     run = restore_run(workdir, step, use_ema)
-    config = run.config
-    fusion_cfg = config.fusion if config.objective.name == "face_fusion" else None
-    export_face_fusion(run.model.unet, fusion_cfg, out, extra={"step": run.step, "ema": run.used_ema,
-                                                                "workdir": os.path.abspath(workdir),
-                                                                "objective": to_dict(config.objective)})
+    export_restored(run, out, extra={"step": run.step, "ema": run.used_ema, "workdir": os.path.abspath(workdir),
+                                     "objective": to_dict(run.config.objective)})
     return out, run.step
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fusion_jax.identity.base import IdentityMethod, register
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture, resolution_key
 from fusion_jax.models.attention import Attention
 from fusion_jax.schedulers import NoiseSchedule, add_noise, training_target
@@ -394,7 +395,8 @@ def fusion_forward(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fusion_loss(unet, batch: dict[str, jax.Array], rng: jax.Array, schedule: NoiseSchedule, cfg: FusionConfig):
+def fusion_loss(unet, batch: dict[str, jax.Array], rng: jax.Array, schedule: NoiseSchedule, cfg: FusionConfig,
+                encode=None):
     """Denoising loss of Face Fusion: `(loss, aux)` following the trainer's `loss_fn(model, batch, rng)` contract
     (bind `schedule` and `cfg` with functools.partial).
 
@@ -403,8 +405,10 @@ def fusion_loss(unet, batch: dict[str, jax.Array], rng: jax.Array, schedule: Noi
     (B, K, N), 'added_cond_kwargs' (SDXL text_time inputs of the targets) and 'reference_added_cond_kwargs'
     (of the reference rows, 1 or B rows; default: the targets'). The caption is replaced by the empty prompt with probability `text_dropout`, and a sample's
     references are switched off (strength 0, exactly the base model) with probability `reference_dropout`,
-    independently, so both guidance terms are learnt.
+    independently, so both guidance terms are learnt. `encode` replaces `encode_references` (same signature; the
+    single-token baseline pools its tokens).
     """
+    encode = encode_references if encode is None else encode
     for key in ("latents", "text_emb", "empty_text_emb", "reference_latents"):
         if key not in batch:
             raise ValueError(f"fusion_loss: batch has no {key!r} (has {sorted(batch)})")
@@ -425,10 +429,10 @@ def fusion_loss(unet, batch: dict[str, jax.Array], rng: jax.Array, schedule: Noi
                   added_cond_kwargs=batch.get("reference_added_cond_kwargs", added))
     if cfg.reference_timestep == "current":
         ref_noise = jax.random.normal(k_ref_noise, refs.shape, jnp.float32).astype(refs.dtype)
-        context = encode_references(unet, refs, batch["empty_text_emb"], cfg, timesteps=t, noise=ref_noise,
-                                    schedule=schedule, **kwargs)
+        context = encode(unet, refs, batch["empty_text_emb"], cfg, timesteps=t, noise=ref_noise,
+                         schedule=schedule, **kwargs)
     else:
-        context = encode_references(unet, refs, batch["empty_text_emb"], cfg, **kwargs)
+        context = encode(unet, refs, batch["empty_text_emb"], cfg, **kwargs)
     pred = unet(x_t, t, ehs, added, identity=context).astype(jnp.float32)
     target = training_target(schedule, x0, noise, t).astype(jnp.float32)
     loss = jnp.mean((pred - target) ** 2)
@@ -444,8 +448,103 @@ def fusion_state_dict_keys(unet) -> list[str]:
     return [k for k in weights.torch_keys(unet) if _IDENTITY_PARAM.search(k)]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The method (registered; the sampler, trainer, CLI and export reach Face Fusion only through this)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register
+class FaceFusion(IdentityMethod):
+    """Face Fusion behind the identity-method interface (`fusion_jax.identity.base`)."""
+
+    name = "face_fusion"
+    section = "fusion"
+    config_class = FusionConfig
+    trainable_presets = ("identity", "identity+lora")
+    display_name = "Face Fusion"
+
+    def reference_context(self, unet, ref_latents, text_emb_empty, cfg, **kwargs) -> IdentityContext:
+        """References -> IdentityContext (`encode_references`); the one place subclasses change the tokens."""
+        return encode_references(unet, ref_latents, text_emb_empty, cfg, **kwargs)
+
+    # model
+    def attach(self, unet, cfg: FusionConfig, *, trainable: str = "all", rngs=None):
+        attach_identity_projections(unet, cfg, rngs=rngs)
+        if trainable == "identity+lora":
+            attach_lora(unet, cfg.lora_rank, rngs=rngs)
+        return unet
+
+    def trainable_filter(self, preset: str, cfg: FusionConfig):
+        return trainable_filter(preset)
+
+    # training
+    def loss(self, model, batch, rng, schedule, cfg: FusionConfig):
+        return fusion_loss(model, batch, rng, schedule, cfg, encode=self.reference_context)
+
+    # sampling
+    def sampling_inputs(self, model, cfg: FusionConfig, request, *, batch, image_size, latent_size):
+        if not any(block.attn2.has_identity_slot for block in model.transformer_blocks().values()):
+            raise ValueError("references given, but the UNet has no identity projections: load a trained Face Fusion "
+                             "model or call fusion_jax.identity.fusion.attach_identity_projections(unet, cfg) first")
+        k = np.shape(request.references)[1]
+        out = {"strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
+        if request.boxes is not None:
+            boxes = np.asarray(request.boxes, np.float64)
+            if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be (B={batch}, K, 4) pixel (x0, y0, x1, y1); got shape {boxes.shape}")
+            if boxes.shape[1] != k:
+                raise ValueError(f"boxes: {boxes.shape[1]} identity boxes for {k} reference sets; give one box per "
+                                 "person")
+            out["region_masks"] = region_masks_from_boxes(boxes, image_size, latent_levels(model, *latent_size))
+        elif k > 1:
+            raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+        return out
+
+    def _context(self, model, cfg, parts, t=0, noise=None) -> IdentityContext:
+        inputs = parts.inputs
+        ctx = self.reference_context(model, parts.ref_latents, parts.empty_text, cfg, timesteps=t, noise=noise,
+                                     schedule=parts.schedule if noise is not None else None,
+                                     strength=inputs["strength"], reference_valid=inputs["reference_valid"],
+                                     batch=parts.batch)
+        return ctx.replace(region_masks=inputs.get("region_masks"))
+
+    def encode_references(self, model, cfg: FusionConfig, parts, key):
+        """`fixed`: the reference branch once (clean references, empty prompt), reused at every step."""
+        return self._context(model, cfg, parts) if cfg.reference_timestep == "fixed" else None
+
+    def guided_prediction(self, model, cfg: FusionConfig, sampling_cfg, cache, parts, x_in, t, step, key):
+        """`current` re-encodes the references noised to this step's t (noise drawn from `key` and the step)."""
+        from fusion_jax.sampling import identity_guided_prediction
+
+        context = cache
+        if context is None:
+            ref_latents = parts.ref_latents
+            ref_noise = jax.random.normal(jax.random.fold_in(key, step), ref_latents.shape, jnp.float32)
+            context = self._context(model, cfg, parts, jnp.round(t).astype(jnp.int32),
+                                    ref_noise.astype(ref_latents.dtype))
+        return identity_guided_prediction(model, x_in, t, parts.text_uncond, parts.text_cond, context, sampling_cfg)
+
+    # export
+    def export_tensors(self, model, cfg: FusionConfig) -> dict[str, np.ndarray]:
+        from fusion_jax import weights
+
+        return {k: v for k, v in weights.state_dict(model).items() if _IDENTITY_PARAM.search(k)}
+
+    def load_tensors(self, unet, cfg: FusionConfig, tensors, source: str):
+        from fusion_jax import weights
+
+        attach_identity_projections(unet, cfg)
+        weights.load_state_dict(unet, tensors, allow_missing=(r".*",), source=source)
+        missing = set(fusion_state_dict_keys(unet)) - set(tensors)
+        if missing:
+            raise ValueError(f"{source}: identity modules missing from the file: {sorted(missing)[:5]}")
+        return unet
+
+    # CLI: the generic reference flags (--reference-strength, --identity-box, --guidance-form ...) cover it.
+
+
 __all__ = [
-    "FusionConfig", "attach_identity_projections", "attach_lora", "trainable_filter", "participating_layers",
+    "FaceFusion", "FusionConfig", "attach_identity_projections", "attach_lora", "trainable_filter", "participating_layers",
     "check_reference_latents", "latent_levels", "strength_array", "region_masks_from_boxes", "capture_reference_tokens",
     "encode_references", "fusion_forward", "fusion_loss", "fusion_state_dict_keys",
 ]

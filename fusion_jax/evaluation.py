@@ -1,6 +1,6 @@
 """Identity and prompt metrics: SimRef, SimTarget, Paste, prompt accuracy, face verification.
 
-Why: the reproduction experiments (DESIGN.md section 7) ask two questions of every generated image: does it
+Why: the reproduction experiments (docs/DESIGN.md section 7) ask two questions of every generated image: does it
 keep the reference person (cosine similarity of identity embeddings against the references, SimRef, and
 against a held-out photo of the same person, SimTarget; Paste = SimRef - SimTarget is FlashFace's measure of
 copy-pasting the reference) and does it follow the prompt (prompt accuracy)?

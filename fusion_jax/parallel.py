@@ -114,7 +114,7 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (classic GSPMD propagation; see DESIGN.md section 9)."""
+    """A (data, fsdp, tensor) mesh with Auto axis types (classic GSPMD propagation; see docs/DESIGN.md section 9)."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = resolve_mesh_shape(cfg, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

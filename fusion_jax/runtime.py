@@ -1,7 +1,7 @@
 """Process-wide JAX settings that every entry point wants: the persistent compilation cache.
 
 Compiling the sampler or the train step is the slowest part of a short run; JAX's persistent cache keeps the
-compiled executables on disk so a second run with the same shapes starts in seconds (DESIGN.md section 9:
+compiled executables on disk so a second run with the same shapes starts in seconds (docs/DESIGN.md section 9:
 9.5 s cold vs 2.4 s warm). On by default; `FUSION_JAX_COMPILATION_CACHE=0` turns it off and any other value
 names the folder.
 """

@@ -1,6 +1,6 @@
 """Face Fusion (seed 000): the UNet itself encodes the reference faces; new key/value projections fuse them.
 
-Pieces (DESIGN.md section 3):
+Pieces (docs/DESIGN.md section 3):
 - `attach_identity_projections(unet, cfg)`: gives each participating transformer block's cross-attention (`attn2`)
   new projections `to_k_ref` / `to_v_ref` (init `copy`: copies of the block's self-attention key/value
   projections, which read the same kind of spatial hidden states; `zero`: key copied, value zero, so a

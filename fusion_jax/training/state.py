@@ -119,7 +119,7 @@ def remat_policy(name: str) -> Optional[Callable[..., Any]]:
     """`train.remat` -> a `jax.checkpoint` policy for the model's blocks (the model factory applies it).
 
     'none' -> None (no remat); 'full' -> save nothing (recompute the whole block in the backward pass);
-    'dots_saveable' / 'dots_with_no_batch_dims_saveable' -> keep matmul outputs (DESIGN.md section 9: the
+    'dots_saveable' / 'dots_with_no_batch_dims_saveable' -> keep matmul outputs (docs/DESIGN.md section 9: the
     latter cut one SD block's saved activations from 1359 MiB to 80 MiB).
     """
     policies = jax.checkpoint_policies

@@ -2,7 +2,7 @@
 
 `Trainer` binds a model factory, a loss and a mesh: it splits the model (graphdef + trainable params + the
 rest), derives every sharding from `fusion_jax.parallel`'s rules, initialises the state under jit with those
-out_shardings (DESIGN.md section 9: optimizer state initialised outside jit can land on one device), and
+out_shardings (docs/DESIGN.md section 9: optimizer state initialised outside jit can land on one device), and
 compiles the step. The step has no host syncs: metrics come back as device arrays; the loop reads them.
 
 Loss contract: `loss_fn(model, batch, rng) -> (scalar loss, dict of scalar aux metrics)`. `batch` is a pytree

@@ -17,6 +17,7 @@ in a `CheckpointMismatchError` naming the key and the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -118,6 +119,60 @@ def load_clip_resnet(
         lambda: ModifiedResNet(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
         visual, source=f"{name} (image-tower keys under {prefix!r}, named without it)" if prefix else name,
         ignore=(_BATCH_NORM_COUNTER,),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP vision transformer (ViT) for style images
+# ----------------------------------------------------------------------------------------------------------
+
+_CLIP_MODEL_TEXT_KEYS = re.compile(r"^(text_model\.|text_projection\.|logit_scale$|logit_bias$)")
+_CLIP_MODEL_VISION_KEYS = ("vision_model.", "visual_projection.")
+
+
+def load_clip_vision(
+    path: str | os.PathLike,
+    *,
+    subfolder: str = "image_encoder",
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+):
+    """A transformers CLIP folder -> our CLIP vision tower; `model(pixels, output_hidden_states=True)` gives
+    `image_embeds` (projected) and `hidden_states[-2]` (the penultimate layer, IP-Adapter Plus' input).
+
+    Accepts a vision tower (`CLIPVisionModel` / `CLIPVisionModelWithProjection`, e.g. an IP-Adapter repo's
+    `image_encoder/`) or a full `CLIPModel` (e.g. openai/clip-vit-large-patch14): the latter gives a
+    `CLIPVisionModelWithProjection` with the model's `visual_projection` (width: the top-level `projection_dim`),
+    and its text tower's keys are dropped.
+    """
+    from fusion_jax.models import clip
+
+    folder = weights.component_dir(path, subfolder)
+    raw = weights.read_config(folder)
+    is_full_model = "CLIPModel" in (raw.get("architectures") or ()) or raw.get("model_type") == "clip"
+    if not is_full_model:
+        return weights.load_vision_encoder(folder, dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle,
+                                           variant=variant)
+    try:
+        config = clip.CLIPVisionConfig.from_dict(raw)
+        projection_dim = raw.get("projection_dim", 512)
+        config = dataclasses.replace(config, projection_dim=projection_dim)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
+    tensors = weights.read_component_tensors(folder, weights.TRANSFORMERS_WEIGHTS, variant=variant,
+                                             allow_pickle=allow_pickle)
+    vision = {k: v for k, v in tensors.items() if k.startswith(_CLIP_MODEL_VISION_KEYS)}
+    stray = [k for k in tensors if k not in vision and not _CLIP_MODEL_TEXT_KEYS.search(k)
+             and not k.endswith("position_ids")]
+    if stray:
+        raise CheckpointMismatchError(f"{folder}: CLIPModel keys that belong to neither tower: "
+                                      f"{', '.join(sorted(stray)[:20])}")
+    dtype, param_dtype = _dtypes(dtype, param_dtype)
+    return weights.build_from_tensors(
+        lambda: clip.CLIPVisionModelWithProjection(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+        vision, source=str(folder), ignore=(r"(^|\.)position_ids$",),
     )
 
 

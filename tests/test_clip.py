@@ -221,3 +221,77 @@ def test_bfloat16_compute_stays_close_to_float32():
     got = run(half, ids.astype(np.int32))
     assert got.dtype == jnp.bfloat16
     assert rel_l2(got.astype(jnp.float32), run(full, ids.astype(np.int32))) < 3e-2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Style-image encoders: image_embeds and penultimate hidden states, from full CLIPModel or tower folders
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tiny_clip_model_config() -> transformers.CLIPConfig:
+    """A full CLIPModel whose top-level projection_dim (12) differs from vision_config's (20): CLIPModel's
+    visual_projection uses the top-level one."""
+    text = tiny_text_config(**TEXT_CASES["quick_gelu_legacy_eos"]).to_dict()
+    vision = tiny_vision_config().to_dict()
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)
+
+
+def test_full_clip_model_folder_gives_image_embeds_and_penultimate_states(tmp_path):
+    from fusion_jax import encoders
+
+    ref = randomise(transformers.CLIPModel(tiny_clip_model_config()), seed=11)
+    ref.save_pretrained(tmp_path / "clip")  # text_model.*, vision_model.*, visual_projection, text_projection, ...
+    ours = encoders.load_clip_vision(tmp_path / "clip")
+    assert isinstance(ours, clip.CLIPVisionModelWithProjection) and ours.config.projection_dim == 12
+    images = np.random.default_rng(12).normal(size=(2, 12, 12, 3)).astype(np.float32)
+    with torch.no_grad():
+        vision = ref.vision_model(torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
+        image_embeds = ref.visual_projection(vision.pooler_output)  # CLIPModel.get_image_features
+    got = nnx.jit(lambda m, x: m(x, output_hidden_states=True))(ours, images)
+    assert got.image_embeds.shape == (2, 12)
+    assert rel_l2(got.image_embeds, image_embeds) < REL_TOL
+    assert rel_l2(got.hidden_states[-2], vision.hidden_states[-2]) < REL_TOL  # penultimate layer (IP-Adapter Plus)
+
+
+def test_vision_tower_folder_loads_through_the_same_entry_point(tmp_path):
+    from fusion_jax import encoders
+
+    ref = randomise(transformers.CLIPVisionModelWithProjection(tiny_vision_config(hidden_act="gelu")), seed=13)
+    ref.save_pretrained(tmp_path / "ip_adapter" / "image_encoder")  # IP-Adapter repos' layout
+    ours = encoders.load_clip_vision(tmp_path / "ip_adapter")
+    images = np.random.default_rng(14).normal(size=(1, 12, 12, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
+    got = nnx.jit(lambda m, x: m(x, output_hidden_states=True))(ours, images)
+    assert rel_l2(got.image_embeds, expected.image_embeds) < REL_TOL
+    assert rel_l2(got.hidden_states[-2], expected.hidden_states[-2]) < REL_TOL
+
+
+def test_full_clip_model_stray_keys_are_reported(tmp_path):
+    from safetensors.numpy import save_file
+
+    from fusion_jax import encoders
+
+    ref = transformers.CLIPModel(tiny_clip_model_config())
+    ref.save_pretrained(tmp_path / "clip")
+    tensors = weights.read_tensors(tmp_path / "clip" / "model.safetensors")
+    save_file({**tensors, "adapter.weight": np.zeros(2, np.float32)}, str(tmp_path / "clip" / "model.safetensors"))
+    with pytest.raises(weights.CheckpointMismatchError, match="adapter.weight"):
+        encoders.load_clip_vision(tmp_path / "clip")
+
+
+def test_real_vit_l14_config_gives_embeds_and_penultimate_shapes():
+    """FaceStudio's style tower (openai/clip-vit-large-patch14's vision config), shape-only (no weights
+    materialised): image_embeds and every hidden state for a 224 x 224 image."""
+    width, layers, projection = 1024, 24, 768
+    config = clip.CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, projection_dim=projection,
+                                   num_hidden_layers=layers, num_attention_heads=16, image_size=224, patch_size=14,
+                                   hidden_act="quick_gelu")
+    model = nnx.eval_shape(lambda: clip.CLIPVisionModelWithProjection(config, rngs=nnx.Rngs(0)))
+    import jax
+
+    out = nnx.eval_shape(lambda m, x: m(x, output_hidden_states=True), model,
+                         jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    assert out.image_embeds.shape == (2, projection)
+    assert len(out.hidden_states) == layers + 1
+    assert out.hidden_states[-2].shape == (2, 1 + 16 * 16, width)

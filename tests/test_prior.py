@@ -246,3 +246,26 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="negative"):
         sample_prior(ours, UnCLIPSampler.from_diffusers_config({}, 2), embeds, hidden, mask, guidance_scale=4.0,
                      key=np.zeros(2, np.uint32))
+
+
+def test_karlo_config_has_diffusers_keys_and_shapes():
+    """The real Karlo prior config (diffusers' defaults: 20 layers, 32 heads x 64, ViT-L/14 width 768), shape-only
+    on both sides: the same checkpoint keys and torch-layout shapes, and a (B, 768) prediction."""
+    import jax
+
+    config = PriorConfig.from_dict({"_class_name": "PriorTransformer", "dropout": 0.0})
+    model = nnx.eval_shape(lambda: PriorTransformer(config, rngs=nnx.Rngs(0)))
+    with torch.device("meta"):
+        ref = TorchPrior()
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        leaf = str(path[-1])
+        shape = tuple(var.get_value().shape)
+        ours[".".join(map(str, path[:-1] + ({"kernel": "weight", "scale": "weight"}.get(leaf, leaf),)))] = (
+            shape[::-1] if leaf == "kernel" else shape)
+    assert ours == theirs
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    out = nnx.eval_shape(lambda m, *a: m(*a), model, f32(2, 768), f32(2), f32(2, 768), f32(2, 77, 768),
+                         jax.ShapeDtypeStruct((2, 77), jnp.bool_))
+    assert out.shape == (2, 768)

@@ -220,7 +220,8 @@ class PriorTransformer(nnx.Module):
         encoder_hidden_states: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """The predicted image embedding (B, output_dim).
+        """The predicted image embedding (B, output_dim): the prd token's output (without a prd token, the noisy
+        embedding token's; diffusers returns that one as (B, 1, output_dim)).
 
         Args:
           hidden_states: the current (noisy) image embedding (B, embedding_dim).

@@ -160,7 +160,8 @@ def check_reference_args(args) -> tuple[list, list, list]:
 def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
     """Photos -> aligned crops, checked boxes and strengths, the identity method's modules on the UNet.
 
-    Returns (pipeline, identity inputs for one row, metadata dict, the sampling config with the method's flags)."""
+    Returns (pipeline, identity inputs for one row (with "sampling_cfg": `cfg` with the method's flags applied),
+    metadata dict)."""
     import dataclasses
     import warnings
 
@@ -200,13 +201,13 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
     for (k, n, crop), record in zip(ref_set.uint8_crops(), ref_set.records):  # both in (identity, index) order
         cli_utils.save_png(crops_dir / f"id{k}_{n}.png", crop, record)
     identity = {"references": ref_set.crops, "reference_valid": ref_set.valid, "strength": strength,
-                "boxes": box_array, "identity_cfg": method_cfg}
+                "boxes": box_array, "identity_cfg": method_cfg, "sampling_cfg": cfg}
     meta = {"references": ref_set.records, "identity_boxes": None if box_array is None else box_array.tolist(),
             "reference_strength": strength.tolist(), "reference_size": size,
             "identity_weights": str(args.identity_weights) if trained else "untrained (fresh modules)",
             "identity_method": method.name, method.section: dataclasses.asdict(method_cfg),
             "face_detector": analyzer.backend}
-    return pipeline, identity, meta, cfg
+    return pipeline, identity, meta
 
 
 def _batch_identity(identity, batch: int) -> dict:
@@ -251,7 +252,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     identity, identity_meta = None, {}
     if groups:
-        pipeline, identity, identity_meta, cfg = prepare_references(args, pipeline, cfg, groups, boxes, strengths)
+        pipeline, identity, identity_meta = prepare_references(args, pipeline, cfg, groups, boxes, strengths)
+        cfg = identity["sampling_cfg"]
     jobs = [(item, k) for item in items for k in range(args.num_images)]
     images, names = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch"):

@@ -114,6 +114,25 @@ def test_unet_matches_diffusers(config, size, timesteps):
     assert rel_l2(ours, expected) < TOL
 
 
+# SD 1.x layout with four levels and padding-1 downsampling at FlashFace's reference size: 28x28 latents go
+# 28 -> 14 -> 7 -> 4 and back, so the 4 -> 7 upsampler must resize to its skip connection's size (torch nearest,
+# diffusers' Upsample2D with output_size), not double.
+SD1_ODD = UNetConfig(
+    block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def test_odd_latent_size_upsamples_to_the_skip_size():
+    reference = torch_unet(SD1_ODD, seed=5)
+    model = to_jax(reference, SD1_ODD)
+    sample, ehs, added = make_inputs(SD1_ODD, 1, 28, 28, seed=6)
+    expected = torch_forward(reference, sample, 321, ehs, added)
+    ours = jit_forward(model)(sample, 321, ehs, added)
+    assert ours.shape == expected.shape == (1, 28, 28, 4)
+    assert rel_l2(ours, expected) < TOL
+
+
 def test_chunked_attention_kernel_matches_diffusers():
     """The query-chunked CPU kernel (chunk 24 < 16*16 tokens, with a ragged last chunk) gives the same UNet."""
     reference = torch_unet(SD1_TINY, seed=3)

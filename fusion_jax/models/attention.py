@@ -1,4 +1,4 @@
-"""Attention and transformer blocks of the SD UNet, with the identity slots (DESIGN.md section 3).
+"""Attention and transformer blocks of the SD UNet, with the identity slots (docs/DESIGN.md section 3).
 
 Weight-compatible with diffusers (`Attention`: `to_q`, `to_k`, `to_v`, `to_out[0]`; `FeedForward`: `net[0].proj`
 (GEGLU), `net[2]`; `BasicTransformerBlock`: `norm1..3`, `attn1`, `attn2`, `ff`; `Transformer2DModel`: `norm`,
@@ -15,6 +15,10 @@ the layer's reference tokens through those projections, combined with the text a
 over [text; reference] tokens, via log-sum-exp merging) or `'decoupled'` (text attention + strength x reference
 attention). Reference tokens of identity k get log(strength_k) added to their scores in `'joint'`, so strength 0
 removes them exactly; with `identity=None` the slot is not traced at all.
+
+Reference self-attention slot: a `BasicTransformerBlock` may carry `attn_ref` (SA', same shape as `attn1`). Given
+an `IdentityContext` with `self_attention_tokens`, the block adds `w * SA'(y, [y; tokens]) + (1 - w) * SA'(y, y)`
+(y = norm1(x), w = `self_attention_weight` per sample) beside its kept self-attention; otherwise it is untouched.
 """
 
 from __future__ import annotations
@@ -357,6 +361,9 @@ class BasicTransformerBlock(nnx.Module):
         self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn_kw)
         self.norm3 = LayerNorm(dim, epsilon=norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.ff = FeedForward(dim, dropout=dropout, **kw)
+        # reference self-attention slot SA' (set by an identity method, e.g. FlashFace); used only when the identity
+        # context carries `self_attention_tokens` for this layer, so with None the block is exactly the base block
+        self.attn_ref: Attention | None = nnx.data(None)
 
     def __call__(
         self,
@@ -366,17 +373,45 @@ class BasicTransformerBlock(nnx.Module):
         *,
         spatial_shape: tuple[int, int] | None = None,
         return_cross_input: bool = False,
+        return_self_input: bool = False,
     ):
         """x (B, h*w, dim); encoder_hidden_states (B, L, cross_attention_dim); spatial_shape = (h, w).
 
         With `return_cross_input`, returns (output, the hidden states entering attn2), the tokens a reference
-        branch captures."""
-        h = self.attn1(self.norm1(x), encoder_hidden_states if self.only_cross_attention else None) + x
+        branch captures; `return_self_input` appends the self-attention input norm1(x) (reference self-attention
+        features)."""
+        y = self.norm1(x)
+        h = self.attn1(y, encoder_hidden_states if self.only_cross_attention else None) + x
+        if self.attn_ref is not None and isinstance(identity, IdentityContext) and (
+                identity.self_attention_tokens is not None):
+            h = h + self._reference_self_attention(y, identity)
         normed = self.norm2(h)
         h = self.attn2(normed, encoder_hidden_states, identity=identity, layer_name=self.layer_name,
                        spatial_shape=spatial_shape) + h
         out = self.ff(self.norm3(h)) + h
-        return (out, normed) if return_cross_input else out
+        extras = ((normed,) if return_cross_input else ()) + ((y,) if return_self_input else ())
+        return (out,) + extras if extras else out
+
+    def _reference_self_attention(self, y: jax.Array, identity: IdentityContext) -> jax.Array:
+        """w * SA'(y, [y; reference tokens]) + (1 - w) * SA'(y, y) of the reference self-attention slot."""
+        tokens_by_layer = identity.self_attention_tokens
+        if self.layer_name not in tokens_by_layer:
+            raise ValueError(f"identity: self_attention_tokens has no entry for layer {self.layer_name!r}, which has "
+                             f"a reference self-attention slot (has {sorted(tokens_by_layer)})")
+        tokens = tokens_by_layer[self.layer_name]
+        batch = y.shape[0]
+        if tokens.ndim != 3 or tokens.shape[0] not in (1, batch) or tokens.shape[-1] != y.shape[-1]:
+            raise ValueError(f"identity: self_attention_tokens[{self.layer_name!r}] must be (1 or B={batch}, T, "
+                             f"{y.shape[-1]}), got {tokens.shape}")
+        weight = identity.self_attention_weight
+        if weight is None or weight.shape != (batch,):
+            raise ValueError(f"identity: self_attention_weight must be (B={batch},), got "
+                             f"{None if weight is None else weight.shape}")
+        tokens = jnp.broadcast_to(tokens.astype(y.dtype), (batch,) + tokens.shape[1:])
+        with_refs = self.attn_ref(y, jnp.concatenate([y, tokens], axis=1))
+        own = self.attn_ref(y)
+        w = weight.astype(jnp.float32)[:, None, None]
+        return (w * with_refs.astype(jnp.float32) + (1.0 - w) * own.astype(jnp.float32)).astype(y.dtype)
 
 
 def call_maybe_remat(remat: bool, fn, module: nnx.Module, *args):
@@ -449,12 +484,17 @@ class Transformer2DModel(nnx.Module):
         capture = identity if isinstance(identity, ReferenceCapture) else None
         for block in self.transformer_blocks:
             if capture is not None:
-                h, normed = call_maybe_remat(
+                want_self = block.layer_name in capture.self_attention_layers
+                outs = call_maybe_remat(
                     self.remat,
-                    lambda blk, hs, ehs: blk(hs, ehs, spatial_shape=(height, width), return_cross_input=True),
+                    lambda blk, hs, ehs: blk(hs, ehs, spatial_shape=(height, width), return_cross_input=True,
+                                             return_self_input=want_self),
                     block, h, encoder_hidden_states)
+                h, normed = outs[0], outs[1]
                 if block.attn2.has_identity_slot:
                     capture.tokens[block.layer_name] = normed
+                if want_self:
+                    capture.self_attention_inputs[block.layer_name] = outs[2]
                 continue
             h = call_maybe_remat(
                 self.remat,

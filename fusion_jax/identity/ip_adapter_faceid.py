@@ -1,0 +1,546 @@
+"""IP-Adapter-FaceID (SD 1.5) as an identity method, loading the published weights.
+
+ArcFace embedding (B, 512) -> `MLPProjModel` (Linear(512, 1024), GELU, Linear(1024, 4 * D), LayerNorm(D)) ->
+4 tokens per face that enter *every* cross-attention layer through the UNet's shared identity token slot:
+the published `to_k_ip` / `to_v_ip` are our `to_k_ref` / `to_v_ref`, combine 'decoupled'
+(text attention + scale x attention over the face tokens), `scale` = the context's strength.
+
+Published file layout (`ip-adapter-faceid_sd15.bin`, a torch pickle {'image_proj': {...}, 'ip_adapter': {...}},
+or a `.safetensors` with flat `image_proj.*` / `ip_adapter.*` keys):
+- `image_proj.proj.0.{weight,bias}`, `image_proj.proj.2.{weight,bias}`, `image_proj.norm.{weight,bias}`;
+- `ip_adapter.{2j+1}.to_{k,v}_ip.weight` for the j-th cross-attention layer in the order of diffusers'
+  `unet.attn_processors` (module registration order: down blocks, then up blocks, then the mid block; each
+  transformer block contributes attn1 = 2j, attn2 = 2j+1);
+- optionally the FaceID LoRA on every attention (`ip_adapter.{i}.to_{q,k,v,out}_lora.{down,up}.weight`, i over
+  all attention processors in that order, rank 128 in the release): merged into the UNet at load time
+  (W += up @ down, LoRA scale 1 as diffusers' `load_ip_adapter` applies it).
+
+These facts come from diffusers' `_convert_ip_adapter_attn_to_diffusers`, `_load_ip_adapter_loras` and
+`IPAdapterFaceIDImageProjection`; the code here is ours. Plus / PlusV2 (CLIP ViT-H face tokens through the face
+perceiver resampler) are not implemented yet: such a file is refused with an error naming it.
+
+ArcFace embeddings come from insightface (`fusion_jax.data.faces`), which the jitted sampler cannot run: at
+sampling time they are read from `ip_adapter_faceid.face_embeddings` (a .npy file, `--face-embeddings`), and
+training reads the batch key 'face_embedding'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fusion_jax.identity.base import IdentityMethod, register
+from fusion_jax.identity.context import IdentityContext
+from fusion_jax.schedulers import add_noise, training_target
+
+TRAINABLE = ("adapter", "adapter+lora")
+UNCOND = ("zero_embedding", "text_only")
+_LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+_IP_KEY = re.compile(r"^(\d+)\.to_(k|v)_ip\.weight$")
+_ADAPTER_PARAM = re.compile(r"(^|\.)(ip_image_proj\.|to_[kv]_ref\.)")
+_LORA_PARAM = re.compile(r"(^|\.)lora\.lora_[ab]$")
+
+
+@dataclass(frozen=True)
+class IPAdapterFaceIDConfig:
+    """`ip_adapter_faceid.*` options."""
+
+    embedding_dim: int = 512  # ArcFace embedding width (insightface buffalo_l: 512)
+    num_tokens: int = 4  # tokens per face embedding (the release: 4)
+    mult: int = 2  # MLPProjModel hidden width = mult * embedding_dim (the release: 2)
+    strength: float = 1.0  # IP-Adapter `scale` (0 = the base UNet exactly); --ip-scale
+    uncond: Literal["zero_embedding", "text_only"] = "zero_embedding"  # 'cfg' guidance: the negative branch uses
+    #   the tokens of a zero embedding (IP-Adapter's pipelines) or no identity at all (our generic form)
+    face_embeddings: str | None = None  # sampling: .npy of ArcFace embeddings, (512,), (N, 512) or (K, N, 512)
+    text_dropout: float = 0.05  # training: caption -> empty prompt (IP-Adapter's recipe: 0.05)
+    face_dropout: float = 0.05  # training: face embedding -> zeros (IP-Adapter's recipe: 0.05)
+    lora_rank: int = 4  # 'adapter+lora': rank of fresh LoRA adapters on the UNet attention
+
+    def __post_init__(self):
+        for key in ("embedding_dim", "num_tokens", "mult", "lora_rank"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"ip_adapter_faceid.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.strength < 0:
+            raise ValueError(f"ip_adapter_faceid.strength must be >= 0, got {self.strength!r}")
+        if self.uncond not in UNCOND:
+            raise ValueError(f"ip_adapter_faceid.uncond must be one of {UNCOND}, got {self.uncond!r}")
+        for key in ("text_dropout", "face_dropout"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"ip_adapter_faceid.{key} must be a probability in [0, 1], got {getattr(self, key)!r}")
+
+
+class MLPProjModel(nnx.Module):
+    """ArcFace embedding -> `num_tokens` tokens of width `cross_dim` (IP-Adapter-FaceID's image projection)."""
+
+    def __init__(self, embedding_dim: int, cross_dim: int, num_tokens: int, mult: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_tokens, self.cross_dim = num_tokens, cross_dim
+        self.fc1 = nnx.Linear(embedding_dim, embedding_dim * mult, **kw)  # published proj.0
+        self.fc2 = nnx.Linear(embedding_dim * mult, cross_dim * num_tokens, **kw)  # published proj.2
+        self.norm = nnx.LayerNorm(cross_dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+                                  use_fast_variance=False, rngs=rngs)
+
+    def __call__(self, embeds: jax.Array) -> jax.Array:
+        """(M, embedding_dim) -> (M, num_tokens, cross_dim)."""
+        x = jax.nn.gelu(self.fc1(embeds), approximate=False)
+        x = self.fc2(x).reshape(embeds.shape[0], self.num_tokens, self.cross_dim)
+        return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+_PROJ_TO_OURS = (("proj.0.", "fc1."), ("proj.2.", "fc2."), ("norm.", "norm."))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layer order of the published file
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def processor_order(unet) -> list[str]:
+    """Transformer-block layer names in the order of diffusers' `unet.attn_processors` (module registration
+    order: down_blocks, up_blocks, mid_block), which numbers the published `ip_adapter.N.*` keys."""
+    rank = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+    def key(name: str):
+        part, *rest = name.split(".")
+        return (rank[part],) + tuple(int(x) for x in rest if x.isdigit())
+
+    return sorted(unet.transformer_blocks(), key=key)
+
+
+def identity_layers(model) -> list[str]:
+    """Layer names whose cross-attention carries the adapter's key/value projections."""
+    return [n for n, b in model.transformer_blocks().items() if b.attn2.has_identity_slot]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attaching, loading, exporting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attach_adapter(unet, cfg: IPAdapterFaceIDConfig = IPAdapterFaceIDConfig(), *, rngs: nnx.Rngs | None = None):
+    """Give `unet` a fresh adapter in place: `ip_image_proj` (random MLPProjModel) and, on every transformer
+    block's `attn2`, `to_k_ref` / `to_v_ref` initialised as copies of its text `to_k` / `to_v` (IP-Adapter's
+    training initialisation), combine 'decoupled'. Returns the UNet."""
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    blocks = unet.transformer_blocks()
+    if not blocks:
+        raise ValueError("ip_adapter_faceid: the UNet has no transformer block (no cross-attention to adapt)")
+    cross_dims = {b.attn2.to_k.kernel.get_value().shape[0] for b in blocks.values()}
+    if len(cross_dims) != 1:
+        raise ValueError(f"ip_adapter_faceid: one token width serves every layer, but the UNet's cross-attention "
+                         f"widths differ: {sorted(cross_dims)}")
+    cross_dim = cross_dims.pop()
+    dtype = next(iter(blocks.values())).attn2.to_k.dtype
+    pdtype = next(iter(blocks.values())).attn2.to_k.kernel.get_value().dtype
+    unet.ip_image_proj = MLPProjModel(cfg.embedding_dim, cross_dim, cfg.num_tokens, cfg.mult, rngs=rngs, dtype=dtype,
+                                      param_dtype=pdtype)
+    for block in blocks.values():
+        attn = block.attn2
+        new = []
+        for src in (attn.to_k, attn.to_v):
+            in_f, out_f = src.kernel.get_value().shape
+            lin = nnx.Linear(in_f, out_f, use_bias=False, dtype=src.dtype, param_dtype=src.kernel.get_value().dtype,
+                             rngs=rngs)
+            lin.kernel.set_value(src.kernel.get_value())
+            new.append(lin)
+        attn.to_k_ref, attn.to_v_ref = new
+        attn.identity_combine = "decoupled"
+    return unet
+
+
+def read_published(path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """A published IP-Adapter file -> flat {'image_proj.*', 'ip_adapter.*': array}. `.safetensors` is read
+    directly; a `.bin` torch pickle only with `allow_pickle=True` (then `torch.load(weights_only=True)`)."""
+    from fusion_jax.weights import CheckpointError, PICKLE_SUFFIXES
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such IP-Adapter file")
+    if path.suffix == ".safetensors":
+        from fusion_jax.weights import read_tensors
+
+        return read_tensors(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown IP-Adapter file type (expected .safetensors or a .bin torch pickle)")
+    if not allow_pickle:
+        raise CheckpointError(f"refusing to unpickle {path}: pickled checkpoints can run arbitrary code. Convert it "
+                              "once with `python -m fusion_jax.convert ip_adapter_faceid SRC OUT.safetensors "
+                              "--allow-pickle`, or pass allow_pickle=True if you trust the file.")
+    import torch
+
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict with 'image_proj' and 'ip_adapter', got {type(obj).__name__}")
+    flat = {}
+    for section, value in obj.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat[f"{section}.{k}"] = v
+        else:
+            flat[section] = value
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in flat.items()}
+
+
+def split_sections(tensors: dict[str, np.ndarray], source: str) -> tuple[dict, dict]:
+    """Flat published keys -> (image_proj, ip_adapter) dicts; errors name `source` and the offending keys."""
+    proj = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
+    adapter = {k[len("ip_adapter."):]: v for k, v in tensors.items() if k.startswith("ip_adapter.")}
+    other = sorted(k for k in tensors if not k.startswith(("image_proj.", "ip_adapter.")))
+    if not proj:
+        raise ValueError(f"{source}: no 'image_proj.*' keys (expected an IP-Adapter-FaceID file with image_proj and "
+                         f"ip_adapter sections; has {sorted(tensors)[:6]})")
+    if not adapter:
+        raise ValueError(f"{source}: no 'ip_adapter.*' keys (expected an IP-Adapter-FaceID file with image_proj and "
+                         f"ip_adapter sections)")
+    if other:
+        raise ValueError(f"{source}: keys outside image_proj.* / ip_adapter.*: {other[:6]}")
+    if "perceiver_resampler.proj_in.weight" in proj:
+        raise ValueError(f"{source}: an IP-Adapter-FaceID-Plus / PlusV2 file (face perceiver resampler); only the "
+                         "plain FaceID variant is implemented")
+    if "norm.weight" not in proj or "proj.0.weight" not in proj:
+        raise ValueError(f"{source}: image_proj is not FaceID's MLPProjModel (needs proj.0 / proj.2 / norm; has "
+                         f"{sorted(proj)[:6]})")
+    return proj, adapter
+
+
+def config_from_tensors(proj: dict[str, np.ndarray], base: IPAdapterFaceIDConfig | None = None
+                        ) -> IPAdapterFaceIDConfig:
+    """The config (embedding_dim, mult, num_tokens) implied by an image_proj state dict."""
+    hidden, emb = proj["proj.0.weight"].shape
+    cross = proj["norm.weight"].shape[0]
+    return dataclasses.replace(base or IPAdapterFaceIDConfig(), embedding_dim=int(emb), mult=int(hidden // emb),
+                               num_tokens=int(proj["proj.2.weight"].shape[0] // cross))
+
+
+def merge_lora(unet, adapter: dict[str, np.ndarray], source: str, scale: float = 1.0) -> int:
+    """Merge the FaceID LoRA of the `ip_adapter` section (`{i}.to_{q,k,v,out}_lora.{down,up}.weight`) into the
+    UNet's attention kernels in place (W += scale * up @ down); returns the number of merged projections."""
+    order = processor_order(unet)
+    blocks = unet.transformer_blocks()
+    found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in adapter.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value
+    for (idx, proj), pair in sorted(found.items()):
+        if set(pair) != {"down", "up"}:
+            raise ValueError(f"{source}: ip_adapter.{idx}.to_{proj}_lora has only {sorted(pair)} (needs down and up)")
+        if idx >= 2 * len(order):
+            raise ValueError(f"{source}: ip_adapter.{idx}.to_{proj}_lora: the UNet has only {2 * len(order)} "
+                             "attention processors")
+        attn = getattr(blocks[order[idx // 2]], "attn1" if idx % 2 == 0 else "attn2")
+        linear = attn.to_out[0] if proj == "out" else getattr(attn, f"to_{proj}")
+        kernel = linear.kernel.get_value()
+        delta = (np.asarray(pair["up"], np.float32) @ np.asarray(pair["down"], np.float32)).T  # (in, out)
+        if delta.shape != tuple(kernel.shape):
+            raise ValueError(f"{source}: ip_adapter.{idx}.to_{proj}_lora gives a {delta.shape[::-1]} update, layer "
+                             f"{order[idx // 2]} has {tuple(kernel.shape)[::-1]} (torch (out, in))")
+        linear.kernel.set_value((kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype))
+    return len(found)
+
+
+def load_adapter_tensors(unet, tensors: dict[str, np.ndarray], source: str,
+                         cfg: IPAdapterFaceIDConfig | None = None) -> tuple[object, IPAdapterFaceIDConfig]:
+    """Attach an adapter to `unet` and fill it from flat published keys (every key mapped or reported, naming
+    `source`); the LoRA keys, if any, are merged into the UNet. Returns (model, config)."""
+    from fusion_jax import weights
+
+    proj, adapter = split_sections(tensors, source)
+    cfg = config_from_tensors(proj, cfg)
+    attach_adapter(unet, cfg)
+    renamed = {}
+    for key, value in proj.items():
+        for old, new in _PROJ_TO_OURS:
+            if key.startswith(old):
+                renamed[new + key[len(old):]] = value
+                break
+        else:
+            raise ValueError(f"{source}: unexpected key image_proj.{key}")
+    weights.load_state_dict(unet.ip_image_proj, renamed, source=f"{source} (image_proj)")
+    order = processor_order(unet)
+    blocks = unet.transformer_blocks()
+    ip_keys = {k for k in adapter if _IP_KEY.match(k)}
+    unknown = sorted(k for k in adapter if k not in ip_keys and not _LORA_KEY.match(k))
+    if unknown:
+        raise ValueError(f"{source}: unexpected keys ip_adapter.{unknown[:6]}")
+    expected = {f"{2 * j + 1}.to_{kv}_ip.weight" for j in range(len(order)) for kv in "kv"}
+    if ip_keys != expected:
+        missing, extra = sorted(expected - ip_keys), sorted(ip_keys - expected)
+        raise ValueError(f"{source}: ip_adapter keys do not match this UNet's {len(order)} cross-attention layers: "
+                         f"missing {['ip_adapter.' + k for k in missing[:6]]}, unexpected "
+                         f"{['ip_adapter.' + k for k in extra[:6]]}")
+    for j, name in enumerate(order):
+        attn = blocks[name].attn2
+        for kv, linear in (("k", attn.to_k_ref), ("v", attn.to_v_ref)):
+            key = f"{2 * j + 1}.to_{kv}_ip.weight"
+            w = np.asarray(adapter[key])
+            kernel = linear.kernel.get_value()
+            if w.T.shape != tuple(kernel.shape):
+                raise ValueError(f"{source}: ip_adapter.{key} is {w.shape}, layer {name} needs "
+                                 f"{tuple(kernel.shape)[::-1]} (torch (out, in))")
+            linear.kernel.set_value(jnp.asarray(w.T, kernel.dtype))
+    merge_lora(unet, adapter, source)
+    return unet, cfg
+
+
+def load(unet, path, *, allow_pickle: bool = False, cfg: IPAdapterFaceIDConfig | None = None):
+    """A published IP-Adapter-FaceID file (`.bin` with allow_pickle, or `.safetensors`) onto our UNet (in place):
+    returns the UNet with the adapter attached (and the FaceID LoRA merged when the file has it)."""
+    model, _ = load_adapter_tensors(unet, read_published(path, allow_pickle=allow_pickle), str(path), cfg)
+    return model
+
+
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+    """The adapter in the published flat layout (`image_proj.*`, `ip_adapter.N.to_{k,v}_ip.weight`)."""
+    from fusion_jax import weights
+
+    if getattr(model, "ip_image_proj", None) is None:
+        raise ValueError("ip_adapter_faceid: the model has no adapter (attach_adapter / load first)")
+    out = {}
+    for key, value in weights.state_dict(model.ip_image_proj).items():
+        for old, new in _PROJ_TO_OURS:
+            if key.startswith(new):
+                out["image_proj." + old + key[len(new):]] = value
+    blocks = model.transformer_blocks()
+    for j, name in enumerate(processor_order(model)):
+        attn = blocks[name].attn2
+        if not attn.has_identity_slot:
+            raise ValueError(f"ip_adapter_faceid: layer {name} has no to_k_ref / to_v_ref")
+        for kv, linear in (("k", attn.to_k_ref), ("v", attn.to_v_ref)):
+            out[f"ip_adapter.{2 * j + 1}.to_{kv}_ip.weight"] = np.ascontiguousarray(
+                np.asarray(linear.kernel.get_value()).T)
+    return out
+
+
+def save(model, path) -> Path:
+    """Write the adapter as a published-layout `.safetensors` (what diffusers' `load_ip_adapter` reads)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(adapter_tensors(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# face embeddings -> IdentityContext
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def face_tokens(model, face_embeds) -> tuple[jax.Array, jax.Array, int]:
+    """Face embeddings (B, E), (B, N, E) or (B, K, N, E) -> tokens (B, K*N*T, D), token identity (B, K*N*T), K."""
+    if getattr(model, "ip_image_proj", None) is None:
+        raise ValueError("ip_adapter_faceid: the model has no adapter (ip_adapter_faceid.load / attach_adapter)")
+    emb = jnp.asarray(face_embeds)
+    e = model.ip_image_proj.fc1.kernel.get_value().shape[0]
+    if emb.ndim == 2:
+        emb = emb[:, None, None]
+    elif emb.ndim == 3:
+        emb = emb[:, None]
+    if emb.ndim != 4 or emb.shape[-1] != e:
+        raise ValueError(f"face_embeds must be (B, {e}), (B, N, {e}) or (B, K, N, {e}) ArcFace embeddings, "
+                         f"got shape {tuple(np.shape(face_embeds))}")
+    b, k, n, _ = emb.shape
+    proj = model.ip_image_proj
+    tokens = proj(emb.reshape(b * k * n, e).astype(proj.fc1.dtype or jnp.float32))  # (M, T, D)
+    t = tokens.shape[1]
+    tokens = tokens.reshape(b, k * n * t, tokens.shape[-1])
+    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n * t)[None].repeat(b, axis=0)
+    return tokens, ids, k
+
+
+def identity_context(model, face_embeds, scale=1.0, *, region_masks=None) -> IdentityContext:
+    """The IdentityContext of IP-Adapter-FaceID: the same face tokens for every adapted layer.
+
+    face_embeds: (B, 512) one face per row; (B, N, 512) N images of one person (tokens concatenated, as diffusers
+    does for several images); (B, K, N, 512) K people (then `region_masks`, see `fusion.region_masks_from_boxes`,
+    say where each goes). scale: IP-Adapter's scale (scalar, (K,) or (B, K)); 0 gives the base UNet exactly."""
+    from fusion_jax.identity.fusion import strength_array
+
+    tokens, ids, k = face_tokens(model, face_embeds)
+    layers = identity_layers(model)
+    return IdentityContext(reference_tokens={name: tokens for name in layers},
+                           token_identity={name: ids for name in layers},
+                           strength=strength_array(scale, tokens.shape[0], k), region_masks=region_masks)
+
+
+def load_face_embeddings(path, dim: int, *, what: str = "ip_adapter_faceid.face_embeddings") -> np.ndarray:
+    """A .npy of ArcFace embeddings, (E,), (N, E) or (K, N, E) -> (K, N, E) float32; errors name `what` and the file."""
+    try:
+        arr = np.load(str(path), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}={path}: cannot read a .npy array of face embeddings: {e}") from None
+    arr = np.asarray(arr, np.float32)
+    arr = arr.reshape((1, 1) + arr.shape) if arr.ndim == 1 else arr[None] if arr.ndim == 2 else arr
+    if arr.ndim != 3 or arr.shape[-1] != dim:
+        raise ValueError(f"{what}={path}: expected (E,), (N, E) or (K, N, E) with E={dim}, got {np.shape(arr)}")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def faceid_loss(model, batch: dict, rng: jax.Array, schedule, cfg: IPAdapterFaceIDConfig):
+    """Denoising loss with face embeddings: batch 'latents', 'text_emb', 'empty_text_emb' (generic) and
+    'face_embedding' (B, E) or (B, N, E); caption dropped with `text_dropout`, embedding zeroed with
+    `face_dropout` (IP-Adapter's recipe), independently."""
+    for key in ("latents", "text_emb", "empty_text_emb", "face_embedding"):
+        if key not in batch:
+            raise ValueError(f"ip_adapter_faceid loss: batch has no {key!r} (has {sorted(batch)}); 'face_embedding' "
+                             "is the ArcFace embedding of the target's face crop")
+    x0 = batch["latents"]
+    b = x0.shape[0]
+    k_t, k_noise, k_text, k_face = jax.random.split(rng, 4)
+    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype)
+    x_t = add_noise(schedule, x0, noise, t)
+    drop_text = jax.random.bernoulli(k_text, cfg.text_dropout, (b,))
+    ehs = jnp.where(drop_text[:, None, None], jnp.broadcast_to(batch["empty_text_emb"], batch["text_emb"].shape),
+                    batch["text_emb"])
+    emb = jnp.asarray(batch["face_embedding"])
+    drop_face = jax.random.bernoulli(k_face, cfg.face_dropout, (b,))
+    emb = jnp.where(drop_face.reshape((b,) + (1,) * (emb.ndim - 1)), 0.0, emb).astype(emb.dtype)
+    ctx = identity_context(model, emb, cfg.strength)
+    pred = model(x_t, t, ehs, batch.get("added_cond_kwargs"), identity=ctx).astype(jnp.float32)
+    target = training_target(schedule, x0, noise, t).astype(jnp.float32)
+    return jnp.mean((pred - target) ** 2), {"text_dropped": jnp.mean(drop_text.astype(jnp.float32)),
+                                            "faces_dropped": jnp.mean(drop_face.astype(jnp.float32))}
+
+
+def trainable_filter(preset: str):
+    """'adapter': the image projection and the to_k_ref / to_v_ref; 'adapter+lora': plus the LoRA adapters."""
+    if preset not in TRAINABLE:
+        raise ValueError(f"train.trainable must be one of {TRAINABLE} for ip_adapter_faceid, got {preset!r}")
+
+    def selected(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        key = ".".join(str(p) for p in path)
+        return bool(_ADAPTER_PARAM.search(key)) or (preset == "adapter+lora" and bool(_LORA_PARAM.search(key)))
+
+    return selected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register
+class IPAdapterFaceID(IdentityMethod):
+    """IP-Adapter-FaceID behind the identity-method interface."""
+
+    name = "ip_adapter_faceid"
+    section = "ip_adapter_faceid"
+    config_class = IPAdapterFaceIDConfig
+    trainable_presets = TRAINABLE
+    batch_keys = ("face_embedding",)
+    display_name = "IP-Adapter-FaceID"
+
+    def attach(self, unet, cfg: IPAdapterFaceIDConfig, *, trainable: str = "all", rngs=None):
+        attach_adapter(unet, cfg, rngs=rngs)
+        if trainable == "adapter+lora":
+            from fusion_jax.identity.fusion import attach_lora
+
+            attach_lora(unet, cfg.lora_rank, rngs=rngs)
+        return unet
+
+    def trainable_filter(self, preset: str, cfg):
+        return trainable_filter(preset)
+
+    def loss(self, model, batch, rng, schedule, cfg):
+        return faceid_loss(model, batch, rng, schedule, cfg)
+
+    def sampling_inputs(self, model, cfg: IPAdapterFaceIDConfig, request, *, batch, image_size, latent_size):
+        from fusion_jax.identity.fusion import latent_levels, region_masks_from_boxes, strength_array
+
+        if getattr(model, "ip_image_proj", None) is None:
+            raise ValueError("ip_adapter_faceid: the UNet has no adapter; load one with ip_adapter_faceid.load(unet, "
+                             "FILE) or --identity-weights (an export from `python -m fusion_jax.convert "
+                             "ip_adapter_faceid`)")
+        if cfg.face_embeddings is None:
+            raise ValueError("ip_adapter_faceid needs ArcFace embeddings of the reference faces: pass "
+                             "--face-embeddings FILE.npy (ip_adapter_faceid.face_embeddings)")
+        k = np.shape(request.references)[1]
+        emb = load_face_embeddings(cfg.face_embeddings, cfg.embedding_dim)
+        if emb.shape[0] != k:
+            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: embeddings of {emb.shape[0]} people, the "
+                             f"references hold {k}")
+        out = {"face_embeds": jnp.broadcast_to(jnp.asarray(emb), (batch,) + emb.shape),
+               "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
+        if request.boxes is not None:
+            boxes = np.asarray(request.boxes, np.float64)
+            if boxes.ndim != 3 or boxes.shape[:2] != (batch, k):
+                raise ValueError(f"boxes must be (B={batch}, K={k}, 4) pixel boxes, got shape {boxes.shape}")
+            out["region_masks"] = region_masks_from_boxes(boxes, image_size, latent_levels(model, *latent_size))
+        elif k > 1:
+            raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+        return out
+
+    def encode_references(self, model, cfg, parts, key):
+        inputs = parts.inputs
+        ctx = identity_context(model, inputs["face_embeds"], inputs["strength"],
+                               region_masks=inputs.get("region_masks"))
+        zero = identity_context(model, jnp.zeros_like(inputs["face_embeds"]), inputs["strength"],
+                                region_masks=inputs.get("region_masks"))
+        return ctx, zero
+
+    def guided_prediction(self, model, cfg, sampling_cfg, cache, parts, x_in, t, step, key):
+        """'cfg' guidance with uncond 'zero_embedding': IP-Adapter's own form (the negative branch sees the tokens
+        of a zero embedding); otherwise the generic identity guidance."""
+        from fusion_jax.sampling import identity_guided_prediction
+        from fusion_jax import schedulers
+
+        ctx, zero = cache
+        if sampling_cfg.reference_guidance == "cfg" and cfg.uncond == "zero_embedding":
+            x2 = jnp.concatenate([x_in, x_in], axis=0)
+            both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), zero, ctx)
+            out = model(x2, t, jnp.concatenate([parts.text_uncond, parts.text_cond], axis=0), identity=both)
+            eps_none, eps_ref = jnp.split(out.astype(jnp.float32), 2, axis=0)
+            eps = eps_none + sampling_cfg.guidance_scale * (eps_ref - eps_none)
+            if sampling_cfg.guidance_rescale > 0:
+                eps = schedulers.guidance_rescale(eps, eps_ref, sampling_cfg.guidance_rescale)
+            return eps
+        return identity_guided_prediction(model, x_in, t, parts.text_uncond, parts.text_cond, ctx, sampling_cfg)
+
+    def export_tensors(self, model, cfg) -> dict[str, np.ndarray]:
+        return adapter_tensors(model)
+
+    def load_tensors(self, unet, cfg, tensors, source: str):
+        model, _ = load_adapter_tensors(unet, dict(tensors), source, cfg)
+        return model
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--ip-scale", type=float, default=None,
+                            help="IP-Adapter scale (ip_adapter_faceid.strength; 0 = the base model)")
+        parser.add_argument("--face-embeddings", default=None,
+                            help="ArcFace embeddings of the reference faces, a .npy (512,), (N, 512) or (K, N, 512)")
+
+    def apply_arguments(self, args, cfg, sampling_cfg):
+        changes = {}
+        if getattr(args, "ip_scale", None) is not None:
+            if args.ip_scale < 0:
+                raise ValueError(f"--ip-scale must be >= 0, got {args.ip_scale}")
+            changes["strength"] = float(args.ip_scale)
+        if getattr(args, "face_embeddings", None) is not None:
+            load_face_embeddings(args.face_embeddings, cfg.embedding_dim, what="--face-embeddings")
+            changes["face_embeddings"] = str(args.face_embeddings)
+        return (dataclasses.replace(cfg, **changes) if changes else cfg), sampling_cfg
+
+
+__all__ = ["IPAdapterFaceID", "IPAdapterFaceIDConfig", "MLPProjModel", "attach_adapter", "load", "save",
+           "read_published", "load_adapter_tensors", "adapter_tensors", "merge_lora", "processor_order",
+           "identity_context", "face_tokens", "load_face_embeddings", "faceid_loss", "trainable_filter"]

@@ -1,0 +1,232 @@
+"""IP-Adapter-FaceID: our UNet with a published-layout adapter vs diffusers' UNet with the same adapter loaded
+through diffusers' own IP-Adapter path (`_load_ip_adapter_weights`, `added_cond_kwargs={'image_embeds': ...}`).
+
+Tiny SD 1.x UNet (down, mid and up cross-attention, so the processor order down -> up -> mid that numbers
+`ip_adapter.N` is exercised), every weight perturbed, float32, relative L2 < 1e-4 (the UNet parity bound of
+test_unet.py; the adapter adds a few float32 matmuls and softmaxes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from fusion_jax import weights
+from fusion_jax.identity import base, ip_adapter_faceid as ipa
+from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig
+from parity_helpers import rel_l2
+
+TOL = 1e-4
+CONFIG = UNetConfig(
+    sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+EMB = 512
+
+
+def torch_unet(seed=0):
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch.manual_seed(seed)
+    model = TorchUNet.from_config(CONFIG.to_dict()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def our_unet(reference):
+    tensors = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(CONFIG, rngs=nnx.Rngs(0)))
+    return weights.load_state_dict(model, tensors, source="diffusers test model")
+
+
+def published_state_dict(reference, *, seed=1, lora_rank=0):
+    """A random adapter in the published flat layout, numbered by diffusers' attn_processors order."""
+    rng = np.random.default_rng(seed)
+    cross, tokens = CONFIG.cross_attention_dim, 4
+    r = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)
+    sd = {"image_proj.proj.0.weight": r(2 * EMB, EMB), "image_proj.proj.0.bias": r(2 * EMB),
+          "image_proj.proj.2.weight": r(cross * tokens, 2 * EMB), "image_proj.proj.2.bias": r(cross * tokens),
+          "image_proj.norm.weight": 1 + r(cross), "image_proj.norm.bias": r(cross)}
+    for i, (name, _) in enumerate(reference.attn_processors.items()):
+        attn = reference.get_submodule(name[: -len(".processor")])
+        hidden = attn.to_q.weight.shape[0]
+        if name.endswith("attn2.processor"):
+            sd[f"ip_adapter.{i}.to_k_ip.weight"] = 4 * r(hidden, cross)
+            sd[f"ip_adapter.{i}.to_v_ip.weight"] = 4 * r(hidden, cross)
+        if lora_rank:
+            for proj, lin in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+                sd[f"ip_adapter.{i}.to_{proj}_lora.down.weight"] = r(lora_rank, lin.weight.shape[1])
+                sd[f"ip_adapter.{i}.to_{proj}_lora.up.weight"] = r(lin.weight.shape[0], lora_rank)
+    return sd
+
+
+def nested(sd):
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in sd.items():
+        section, rest = k.split(".", 1)
+        out[section][rest] = torch.from_numpy(v.copy())
+    return out
+
+
+def diffusers_with_adapter(reference, sd, scale):
+    """diffusers' own loading path; the LoRA keys are merged as diffusers' load_ip_adapter -> load_lora_weights
+    (PEFT, scale 1) applies them: W += up @ down on the modules `_load_ip_adapter_loras` names."""
+    state = nested(sd)
+    reference._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    loras = reference._load_ip_adapter_loras([state])
+    with torch.no_grad():
+        for key, down in loras.get(0, {}).items():
+            if ".down.weight" not in key:
+                continue
+            up = loras[0][key.replace(".down.", ".up.")]
+            path, proj = key[len("unet."):].split(".processor.")
+            proj = proj.split("_lora")[0]
+            attn = reference.get_submodule(path)
+            lin = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
+            lin.weight += up @ down
+    for proc in reference.attn_processors.values():
+        if hasattr(proc, "scale"):
+            proc.scale = [scale]
+    return reference
+
+
+def inputs(seed=2, batch=2):
+    rng = np.random.default_rng(seed)
+    sample = rng.standard_normal((batch, 8, 8, 4)).astype(np.float32)
+    ehs = rng.standard_normal((batch, 7, CONFIG.cross_attention_dim)).astype(np.float32)
+    face = rng.standard_normal((batch, EMB)).astype(np.float32)
+    return sample, ehs, face
+
+
+def torch_out(model, sample, t, ehs, face):
+    with torch.no_grad():
+        out = model(torch.from_numpy(sample).permute(0, 3, 1, 2), torch.as_tensor(t), torch.from_numpy(ehs),
+                    added_cond_kwargs={"image_embeds": [torch.from_numpy(face)[:, None]]})
+    return out.sample.permute(0, 2, 3, 1).numpy()
+
+
+def jax_out(model, sample, t, ehs, face, scale):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, sample, ehs, face):
+        m = nnx.merge(graphdef, state)
+        return m(sample, t, ehs, identity=ipa.identity_context(m, face, scale))
+
+    return np.asarray(f(state, sample, ehs, face))
+
+
+@pytest.mark.parametrize("lora_rank, scale", [(0, 0.7), (4, 1.0)], ids=["faceid", "faceid+lora"])
+def test_matches_diffusers_ip_adapter(tmp_path, lora_rank, scale):
+    reference = torch_unet()
+    model = our_unet(reference)
+    sd = published_state_dict(reference, lora_rank=lora_rank)
+    file = tmp_path / "ip-adapter-faceid_sd15.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file(sd, str(file))
+    model = ipa.load(model, file)
+    sample, ehs, face = inputs()
+    ours = jax_out(model, sample, 321, ehs, face, scale)
+    expected = torch_out(diffusers_with_adapter(reference, sd, scale), sample, 321, ehs, face)
+    err = rel_l2(ours, expected)
+    print(f"rel_l2 {err:.2e}")
+    assert err < TOL
+    # the adapter matters: the base UNet is far from it
+    base_out = np.asarray(nnx.jit(lambda m, s, e: m(s, 321, e))(model, sample, ehs))
+    assert rel_l2(base_out, expected) > 1e-2
+    # export round trip: the published layout comes back unchanged (without the merged LoRA keys)
+    exported = ipa.adapter_tensors(model)
+    assert set(exported) == {k for k in sd if "_lora." not in k}
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, sd[k])
+
+
+def test_scale_zero_is_the_base_unet_and_pickles(tmp_path):
+    reference = torch_unet(seed=3)
+    model = our_unet(reference)
+    sd = published_state_dict(reference, seed=4)
+    file = tmp_path / "ip-adapter-faceid_sd15.bin"
+    torch.save(nested(sd), str(file))
+    with pytest.raises(ValueError, match="refusing to unpickle .*ip-adapter-faceid_sd15.bin"):
+        ipa.load(model, file)
+    model = ipa.load(model, file, allow_pickle=True)
+    sample, ehs, face = inputs(seed=5, batch=1)
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda st, s, e, emb, sc: nnx.merge(graphdef, st)(
+        s, 500, e, identity=ipa.identity_context(nnx.merge(graphdef, st), emb, sc)))
+    base_out = jax.jit(lambda st, s, e: nnx.merge(graphdef, st)(s, 500, e))(state, sample, ehs)
+    np.testing.assert_array_equal(np.asarray(f(state, sample, ehs, face, 0.0)), np.asarray(base_out))
+    assert rel_l2(f(state, sample, ehs, face, 1.0), base_out) > 1e-2
+
+
+def test_bad_files_name_the_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    reference = torch_unet(seed=6)
+    sd = published_state_dict(reference, seed=7)
+    no_proj = tmp_path / "no_proj.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith("image_proj.")}, str(no_proj))
+    with pytest.raises(ValueError, match=r"no_proj\.safetensors: no 'image_proj\.\*' keys"):
+        ipa.load(our_unet(reference), no_proj)
+    short = tmp_path / "short.safetensors"
+    save_file({k: v for k, v in sd.items() if k != "ip_adapter.1.to_v_ip.weight"}, str(short))
+    with pytest.raises(ValueError, match=r"short\.safetensors: .*missing \['ip_adapter\.1\.to_v_ip\.weight'\]"):
+        ipa.load(our_unet(reference), short)
+    with pytest.raises(ValueError, match="no such IP-Adapter file"):
+        ipa.load(our_unet(reference), tmp_path / "absent.safetensors")
+
+
+def test_method_interface(tmp_path):
+    """Registered; attach gives a fresh adapter; the loss reads 'face_embedding' and the 'adapter' preset trains
+    only the adapter; export -> load_tensors gives the same numbers; CLI flags."""
+    import argparse
+
+    from fusion_jax.schedulers import NoiseSchedule
+
+    method = base.get("ip_adapter_faceid")
+    assert method.batch_keys == ("face_embedding",)
+    cfg = ipa.IPAdapterFaceIDConfig(text_dropout=0.0, face_dropout=0.0)
+    model = method.attach(nnx.jit(lambda: UNet2DConditionModel(CONFIG, rngs=nnx.Rngs(0)))(), cfg)
+    sample, ehs, face = inputs(seed=8)
+    batch = {"latents": jnp.asarray(sample), "text_emb": jnp.asarray(ehs), "empty_text_emb": jnp.zeros((1, 7, 32)),
+             "face_embedding": jnp.asarray(face)}
+    flt = method.trainable_filter("adapter", cfg)
+    graphdef, trainable, rest = nnx.split(model, flt, ...)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert names and all("ip_image_proj" in n or "_ref." in n for n in names)
+
+    def loss(tr):
+        return method.loss(nnx.merge(graphdef, tr, rest), batch, jax.random.key(0), NoiseSchedule(), cfg)[0]
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="face_embedding"):
+        method.loss(model, {k: v for k, v in batch.items() if k != "face_embedding"}, jax.random.key(0),
+                    NoiseSchedule(), cfg)
+    tensors = method.export_tensors(model, cfg)
+    fresh = method.load_tensors(nnx.jit(lambda: UNet2DConditionModel(CONFIG, rngs=nnx.Rngs(0)))(), cfg, tensors,
+                                "export")
+    a = nnx.jit(lambda m: m(sample, 10, ehs, identity=ipa.identity_context(m, face)))(model)
+    b = nnx.jit(lambda m: m(sample, 10, ehs, identity=ipa.identity_context(m, face)))(fresh)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    parser = argparse.ArgumentParser()
+    method.add_arguments(parser)
+    emb_file = tmp_path / "faces.npy"
+    np.save(emb_file, face[:1])
+    new_cfg, _ = method.apply_arguments(parser.parse_args(["--ip-scale", "0.6", "--face-embeddings", str(emb_file)]),
+                                        cfg, None)
+    assert new_cfg.strength == 0.6 and new_cfg.face_embeddings == str(emb_file)
+    np.save(tmp_path / "bad.npy", face[:, :10])
+    with pytest.raises(ValueError, match="--face-embeddings"):
+        method.apply_arguments(parser.parse_args(["--face-embeddings", str(tmp_path / "bad.npy")]), cfg, None)
+    with pytest.raises(ValueError, match="ip_adapter_faceid.face_dropout"):
+        dataclasses.replace(cfg, face_dropout=2.0)

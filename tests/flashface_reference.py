@@ -263,3 +263,137 @@ def released_guidance(model, xt, t, c, nc, refs, ref_context, mask, text, refere
         ratio = (y.flatten(1).std(dim=1) / (out.flatten(1).std(dim=1) + 1e-12)).view(-1, 1, 1, 1)
         out = out * (rescale * ratio + (1 - rescale))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released VAE (`ldm/models/vae.py`: `sd_v1_vae`), with its mid-block attention's reshape as a switch.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VRes(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.residual = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                      group_norm(cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.residual(x) + self.shortcut(x)
+
+
+class VAttn(nn.Module):
+    """One-head attention; `quirk`: the (L, C) output read as (C, H, W) without a transpose, as released."""
+
+    def __init__(self, dim, quirk):
+        super().__init__()
+        self.quirk = quirk
+        self.norm = group_norm(dim)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        z = self.to_qkv(self.norm(x)).reshape(b, 3 * c, h * w).transpose(1, 2)
+        q, k, v = z.chunk(3, dim=-1)
+        o = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1) @ v  # (b, L, c)
+        o = o.reshape(b, c, h, w) if self.quirk else o.transpose(1, 2).reshape(b, c, h, w)
+        return self.proj(o) + x
+
+
+class VResample(nn.Module):
+    def __init__(self, dim, mode):
+        super().__init__()
+        if mode == "down":
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                          nn.Conv2d(dim, dim, 3, padding=1))
+
+    def forward(self, x):
+        return self.resample(x)
+
+
+class ReleasedVAE(nn.Module):
+    def __init__(self, dim=32, z_dim=4, dim_mult=(1, 2), num_res=1, quirk=True):
+        super().__init__()
+        enc_dims = [dim * u for u in (1,) + tuple(dim_mult)]
+        self.encoder = nn.Module()
+        self.encoder.conv1 = nn.Conv2d(3, enc_dims[0], 3, padding=1)
+        blocks = []
+        for i, (cin, cout) in enumerate(zip(enc_dims[:-1], enc_dims[1:])):
+            for _ in range(num_res):
+                blocks.append(VRes(cin, cout))
+                cin = cout
+            if i != len(dim_mult) - 1:
+                blocks.append(VResample(cout, "down"))
+        self.encoder.downsamples = nn.Sequential(*blocks)
+        top = enc_dims[-1]
+        self.encoder.middle = nn.Sequential(VRes(top, top), VAttn(top, quirk), VRes(top, top))
+        self.encoder.head = nn.Sequential(group_norm(top), nn.SiLU(), nn.Conv2d(top, 2 * z_dim, 3, padding=1))
+        self.conv1 = nn.Conv2d(2 * z_dim, 2 * z_dim, 1)
+        self.conv2 = nn.Conv2d(z_dim, z_dim, 1)
+        dec_dims = [dim * u for u in (dim_mult[-1],) + tuple(reversed(dim_mult))]
+        self.decoder = nn.Module()
+        self.decoder.conv1 = nn.Conv2d(z_dim, dec_dims[0], 3, padding=1)
+        self.decoder.middle = nn.Sequential(VRes(dec_dims[0], dec_dims[0]), VAttn(dec_dims[0], quirk),
+                                            VRes(dec_dims[0], dec_dims[0]))
+        blocks = []
+        for i, (cin, cout) in enumerate(zip(dec_dims[:-1], dec_dims[1:])):
+            for _ in range(num_res + 1):
+                blocks.append(VRes(cin, cout))
+                cin = cout
+            if i != len(dim_mult) - 1:
+                blocks.append(VResample(cout, "up"))
+        self.decoder.upsamples = nn.Sequential(*blocks)
+        self.decoder.head = nn.Sequential(group_norm(dec_dims[-1]), nn.SiLU(), nn.Conv2d(dec_dims[-1], 3, 3, padding=1))
+
+    def encode_mean(self, x):
+        e = self.encoder
+        h = e.head(e.middle(e.downsamples(e.conv1(x))))
+        return self.conv1(h).chunk(2, dim=1)[0]
+
+    def decode(self, z):
+        d = self.decoder
+        return d.head(d.upsamples(d.middle(d.conv1(self.conv2(z)))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released CLIP text tower (`ldm/models/clip.py`: `TextTransformer`, read as the demo's `encode_text`).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.Module()
+        self.attn.to_qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, s, c = x.shape
+        q, k, v = self.attn.to_qkv(self.norm1(x)).view(b, s, 3, self.heads, -1).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, c)
+        x = x + self.attn.proj(o)
+        h = self.mlp[0](self.norm2(x))
+        return x + self.mlp[2](h * torch.sigmoid(1.702 * h))
+
+
+class ReleasedTextTower(nn.Module):
+    def __init__(self, vocab=100, text_len=8, dim=32, heads=2, layers=2):
+        super().__init__()
+        self.textual = nn.Module()
+        self.textual.token_embedding = nn.Embedding(vocab, dim)
+        self.textual.pos_embedding = nn.Parameter(0.01 * torch.randn(1, text_len, dim))
+        self.textual.transformer = nn.Sequential(*[TBlock(dim, heads) for _ in range(layers)])
+        self.textual.norm = nn.LayerNorm(dim)
+        self.textual.head = nn.Parameter(torch.randn(dim, dim))
+        self.log_scale = nn.Parameter(torch.ones([]))
+
+    def encode_text(self, ids):
+        t = self.textual
+        return t.norm(t.transformer(t.token_embedding(ids) + t.pos_embedding))

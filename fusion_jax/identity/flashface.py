@@ -200,7 +200,8 @@ class FlashFaceModel(nnx.Module):
         for block in ref.down_blocks:
             h, block_skips = block(h, emb, ehs, None)
             skips.extend(block_skips)
-        h = unet.mid_block(h, emb, ehs, capture)
+        if unet.mid_block is not None:
+            h = unet.mid_block(h, emb, ehs, capture)
         for block in ref.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
@@ -694,6 +695,185 @@ def load_flashface(path, unet_config=None, allow_pickle: bool = False, *, norm_e
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the released VAE (sd-v1-vae.pth)
+# ----------------------------------------------------------------------------------------------------------------
+
+# diffusers' config.json of the SD 1.x VAE, which the released `sd_v1_vae` builds (dim 128, mult 1-2-4-4)
+SD1_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+
+
+def _released_vae_attention_class():
+    from fusion_jax.models.attention import dot_product_attention
+    from fusion_jax.models.vae import VAEAttention
+
+    class ReleasedVAEAttention(VAEAttention):
+        """The VAE mid-block attention as the released FlashFace VAE computes it: its output tokens (L, C) are
+        reshaped to (C, H, W) without a transpose before the output projection (a bug the released images carry)."""
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            b, h, w, c = x.shape
+            tokens = self.group_norm(x).reshape(b, h * w, c)
+            q, k, v = (self._heads(proj(tokens)) for proj in (self.to_q, self.to_k, self.to_v))
+            out = dot_product_attention(q, k, v, kernel=self.kernel, upcast=self.upcast_attention,
+                                        query_chunk_size=self.query_chunk_size).reshape(b, h * w, c)
+            out = out.reshape(b, c, h, w).transpose(0, 2, 3, 1)  # (L, C) memory read as (C, H, W), as released
+            return x + self.to_out[0](out.reshape(b, h * w, c)).reshape(b, h, w, c)
+
+    return ReleasedVAEAttention
+
+
+def released_vae_tensors(tensors: dict, config) -> dict[str, np.ndarray]:
+    """The released VAE's state dict (`encoder.conv1`, `encoder.downsamples.N`, `middle`, `head`, `conv1` / `conv2`,
+    `decoder.upsamples.N`; attention `to_qkv` / `proj`) -> diffusers AutoencoderKL names. Unknown keys raise
+    `CheckpointMismatchError` naming them (missing ones are reported by the loader)."""
+    from fusion_jax.weights import CheckpointMismatchError, _describe
+
+    n, layers = len(config.block_out_channels), config.layers_per_block
+    modules = {"encoder.conv1": "encoder.conv_in", "encoder.head.0": "encoder.conv_norm_out",
+               "encoder.head.2": "encoder.conv_out", "conv1": "quant_conv", "conv2": "post_quant_conv",
+               "decoder.conv1": "decoder.conv_in", "decoder.head.0": "decoder.conv_norm_out",
+               "decoder.head.2": "decoder.conv_out"}
+    for part in ("encoder", "decoder"):
+        modules[f"{part}.middle.0"] = f"{part}.mid_block.resnets.0"
+        modules[f"{part}.middle.1"] = f"{part}.mid_block.attentions.0"
+        modules[f"{part}.middle.2"] = f"{part}.mid_block.resnets.1"
+    k = 0
+    for i in range(n):
+        for j in range(layers):
+            modules[f"encoder.downsamples.{k}"] = f"encoder.down_blocks.{i}.resnets.{j}"
+            k += 1
+        if i < n - 1:
+            modules[f"encoder.downsamples.{k}.resample.1"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+            k += 1
+    k = 0
+    for i in range(n):
+        for j in range(layers + 1):
+            modules[f"decoder.upsamples.{k}"] = f"decoder.up_blocks.{i}.resnets.{j}"
+            k += 1
+        if i < n - 1:
+            modules[f"decoder.upsamples.{k}.resample.1"] = f"decoder.up_blocks.{i}.upsamplers.0.conv"
+            k += 1
+    inner = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+             "shortcut": "conv_shortcut", "norm": "group_norm", "proj": "to_out.0"}
+    out, unknown = {}, []
+    for key, value in tensors.items():
+        prefix = next((p for p in sorted(modules, key=len, reverse=True) if key.startswith(p + ".")), None)
+        if prefix is None:
+            unknown.append(key)
+            continue
+        rest = key[len(prefix) + 1:]
+        target = modules[prefix]
+        if rest.startswith("to_qkv."):
+            leaf = rest[len("to_qkv."):]
+            for name, part in zip(("to_q", "to_k", "to_v"), np.split(np.asarray(value), 3, axis=0)):
+                out[f"{target}.{name}.{leaf}"] = part
+            continue
+        head = next((p for p in inner if rest.startswith(p + ".")), None)
+        if head is not None:
+            rest = inner[head] + rest[len(head):]
+        elif rest not in ("weight", "bias"):
+            unknown.append(key)
+            continue
+        out[f"{target}.{rest}"] = value
+    if unknown:
+        raise CheckpointMismatchError(f"released VAE: unexpected keys {_describe(sorted(unknown))}")
+    return out
+
+
+def load_released_vae(path, *, allow_pickle: bool = False, quirk: bool = True, vae_config=None, dtype=jnp.float32):
+    """The released FlashFace VAE (`sd-v1-vae.pth`: a pickle, refused unless `allow_pickle=True`; or a
+    .safetensors with its keys) as our AutoencoderKL. `quirk=True` reproduces the released mid-block attention's
+    transpose-free reshape (the released images); False computes the attention correctly (diffusers)."""
+    from fusion_jax import weights
+    from fusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+    config = AutoencoderKLConfig.from_dict(dict(vae_config or SD1_VAE_CONFIG))
+    tensors = released_vae_tensors(weights.read_tensors(Path(path), allow_pickle=allow_pickle), config)
+    cls = _released_vae_attention_class() if quirk else None
+
+    def make():
+        vae = AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+        if cls is not None:
+            for mid in (vae.encoder.mid_block, vae.decoder.mid_block):
+                channels = mid.attentions[0].to_q.kernel.get_value().shape[0]
+                mid.attentions[0] = cls(channels, groups=config.norm_num_groups, rngs=nnx.Rngs(0), dtype=dtype,
+                                        param_dtype=dtype)
+        return vae
+
+    return weights.build_from_tensors(make, tensors, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the released CLIP text encoder (openai-clip-vit-large-14.pth, text tower)
+# ----------------------------------------------------------------------------------------------------------------
+
+# transformers' config of the SD 1.x text encoder (OpenAI CLIP ViT-L/14 text tower), which the released CLIP is
+CLIP_VIT_L14_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+
+def released_clip_text_tensors(tensors: dict) -> dict[str, np.ndarray]:
+    """The released CLIP's text tower (`textual.token_embedding`, `pos_embedding`, `transformer.N.{norm1, attn.to_qkv,
+    attn.proj, norm2, mlp.0, mlp.2}`, `norm`) -> transformers CLIPTextModel names. The vision tower (`visual.*`),
+    `log_scale` and the text `head` (the contrastive projection, unused by Stable Diffusion) are dropped; any
+    other key raises `CheckpointMismatchError` naming it."""
+    from fusion_jax.weights import CheckpointMismatchError, _describe
+
+    out, unknown = {}, []
+    inner = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj", "mlp.0": "mlp.fc1",
+             "mlp.2": "mlp.fc2"}
+    for key, value in tensors.items():
+        if key.startswith("visual.") or key in ("log_scale", "logit_bias", "textual.head", "head"):
+            continue
+        rest = key[len("textual."):] if key.startswith("textual.") else key
+        if rest == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = value
+        elif rest == "pos_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = np.asarray(value).reshape(
+                np.shape(value)[-2], np.shape(value)[-1])
+        elif rest.startswith("norm."):
+            out["text_model.final_layer_norm." + rest[len("norm."):]] = value
+        elif rest.startswith("transformer."):
+            layer, _, tail = rest[len("transformer."):].partition(".")
+            prefix = f"text_model.encoder.layers.{layer}."
+            if tail.startswith("attn.to_qkv."):
+                leaf = tail[len("attn.to_qkv."):]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(np.asarray(value), 3, axis=0)):
+                    out[f"{prefix}self_attn.{name}.{leaf}"] = part
+                continue
+            head = next((h for h in inner if tail.startswith(h + ".")), None)
+            if head is None:
+                unknown.append(key)
+                continue
+            out[prefix + inner[head] + tail[len(head):]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointMismatchError(f"released CLIP: unexpected keys {_describe(sorted(unknown))}")
+    return out
+
+
+def load_released_text_encoder(path, *, allow_pickle: bool = False, text_config=None, dtype=jnp.float32):
+    """The released CLIP text encoder (`openai-clip-vit-large-14.pth`: a pickle, refused unless
+    `allow_pickle=True`; or a .safetensors with its keys) as our CLIPTextModel (last_hidden_state is what the
+    released `encode_text` returns: token + position embeddings, causal transformer, final LayerNorm)."""
+    from fusion_jax import weights
+    from fusion_jax.models.clip import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_dict(dict(text_config or CLIP_VIT_L14_TEXT_CONFIG))
+    tensors = released_clip_text_tensors(weights.read_tensors(Path(path), allow_pickle=allow_pickle))
+    return weights.build_from_tensors(lambda: CLIPTextModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype),
+                                      tensors, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the identity method
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -911,5 +1091,7 @@ __all__ = [
     "FlashFaceConfig", "FlashFace", "FlashFaceModel", "ReferenceNet", "Guidance", "PRESETS", "preset",
     "attach_flashface", "build_flashface_model", "reference_layers", "guided_noise", "guided_from_features",
     "face_mask", "normalized_box", "face_box_pixels", "reference_crops", "pad_references", "load_flashface",
-    "released_module_map", "released_key", "convert_released_state_dict", "SD15_UNET_CONFIG",
+    "released_module_map", "released_key", "convert_released_state_dict", "SD15_UNET_CONFIG", "SD1_VAE_CONFIG",
+    "load_released_vae", "released_vae_tensors", "CLIP_VIT_L14_TEXT_CONFIG", "load_released_text_encoder",
+    "released_clip_text_tensors",
 ]

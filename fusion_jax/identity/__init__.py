@@ -10,4 +10,5 @@ BUILTIN_METHODS = (
     "fusion_jax.identity.single_token",  # single_token: the pooled one-token baseline
     "fusion_jax.identity.flashface",  # flashface (seed 002)
     "fusion_jax.identity.ip_adapter_faceid",  # ip_adapter_faceid: the IP-Adapter-FaceID baseline (published weights)
+    "fusion_jax.identity.facestudio",  # facestudio (seed 001)
 )

@@ -1,0 +1,447 @@
+"""FaceStudio (seed 001; Yan et al., arXiv 2312.02663): hybrid style / text / identity guidance as identity tokens.
+
+From the paper (its equations):
+- image branch `e_i = Linear(CLIP_V(style) || ArcFace(face))`, text branch `e_p = Linear(Prior(CLIP_T(text)) || e_f)`
+  with the *same* linear layer; hybrid `e_g = alpha e_i + (1 - alpha) e_p`;
+- several photos of one person blended `e_f = sum_i beta_i e_f^i`;
+- multi-identity cross-attention: queries in person i's region attend only to person i's tokens;
+- training by reconstruction (style input = the image with its face masked, identity = its face crop), condition
+  dropout style 0.64 / face 0.1; linear layer + whole UNet, or linear layer + LoRA.
+
+Our choices (the paper has no public code):
+- `e_g` (width N * D) is reshaped into N tokens of the UNet's cross-attention width D and LayerNorm'ed
+  (IP-Adapter's token head); N = `facestudio.num_tokens`.
+- The tokens enter every cross-attention layer through the shared identity token slot with new projections
+  `to_k_ref` / `to_v_ref` initialised as copies of the layer's text `to_k` / `to_v`, combine 'joint' by default
+  (one softmax over [text; identity tokens]: at initialisation exactly "identity tokens appended to the prompt").
+- `text_branch: direct` uses the pooled CLIP text state of the prompt (the UNet's own text encoder at the EOS
+  token) in place of Prior(CLIP_T(text)), so the method runs without a prior checkpoint; its width must equal the
+  style embedding width. `prior` is accepted by `hybrid_tokens` as precomputed prior embeddings; the sampler path
+  for it is not wired yet (see `FaceStudio.sampling_inputs`).
+- A dropped / absent style image or face is a zero vector (the same zero the dropout trains).
+- Training uses the image branch only (alpha = 1: the reconstruction recipe has no text condition for the identity
+  branch); the shared linear layer is what the text branch reuses at inference.
+- Outside every person's region queries see text only (the paper's random-identity option is not implemented).
+
+ArcFace embeddings and the style image's CLIP embedding come from outside the jitted sampler: face embeddings from a
+.npy (`facestudio.face_embeddings`, `--face-embeddings`... see `FaceStudio.add_arguments`), the style image from a
+file (`--style-image`), encoded inside the jitted function by the adapter's CLIP vision tower (`style_encoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fusion_jax.identity.base import IdentityMethod, register
+from fusion_jax.identity.context import IdentityContext
+from fusion_jax.schedulers import add_noise, training_target
+
+TEXT_BRANCHES = ("prior", "direct")
+COMBINES = ("joint", "decoupled")
+TRAINABLE = ("adapter", "adapter+lora", "adapter+unet")
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+_ADAPTER_PARAM = re.compile(r"(^|\.)(facestudio\.(fuse|token_norm)\.|to_[kv]_ref\.)")
+_LORA_PARAM = re.compile(r"(^|\.)lora\.lora_[ab]$")
+_STYLE_ENCODER = re.compile(r"(^|\.)facestudio\.style_encoder\.")
+
+
+@dataclass(frozen=True)
+class FaceStudioConfig:
+    """`facestudio.*` options."""
+
+    num_tokens: int = 4  # N identity tokens made from the hybrid embedding e_g
+    style_dim: int = 768  # width of the style embedding CLIP_V(style) (ViT-L/14 image_embeds: 768)
+    face_dim: int = 512  # width of the ArcFace embedding
+    alpha: float = 0.5  # hybrid weight: e_g = alpha e_i + (1 - alpha) e_p (1 = image branch only); --alpha
+    text_branch: Literal["prior", "direct"] = "direct"  # Prior(CLIP_T(text)) or the pooled CLIP text state itself
+    combine: Literal["joint", "decoupled"] = "joint"  # identity tokens in the text softmax, or text + s * identity
+    strength: float = 1.0  # identity strength of the token slot (0 = the base UNet exactly)
+    betas: tuple[float, ...] | None = None  # per-reference weights of e_f = sum_i beta_i e_f^i (None: 1/N); --beta
+    style_image: str | None = None  # sampling: the style image file (None: no style, a zero embedding); --style-image
+    face_embeddings: str | None = None  # sampling: .npy ArcFace embeddings (E,), (N, E) or (K, N, E); --face-embeddings
+    style_size: int = 224  # side the style image is resized to for the CLIP vision tower
+    style_dropout: float = 0.64  # training: probability of dropping the style input (paper: 0.64)
+    face_dropout: float = 0.1  # training: probability of dropping the face input (paper: 0.1)
+    lora_rank: int = 4  # 'adapter+lora': rank of the LoRA adapters on the UNet attention
+
+    def __post_init__(self):
+        for key in ("num_tokens", "style_dim", "face_dim", "style_size", "lora_rank"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"facestudio.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"facestudio.alpha must be in [0, 1], got {self.alpha!r}")
+        if self.text_branch not in TEXT_BRANCHES:
+            raise ValueError(f"facestudio.text_branch must be one of {TEXT_BRANCHES}, got {self.text_branch!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"facestudio.combine must be one of {COMBINES}, got {self.combine!r}")
+        if self.strength < 0:
+            raise ValueError(f"facestudio.strength must be >= 0, got {self.strength!r}")
+        if self.betas is not None:
+            if isinstance(self.betas, (str, bytes)) or not len(self.betas):
+                raise ValueError(f"facestudio.betas must be a non-empty list of weights or None, got {self.betas!r}")
+            if any(b < 0 for b in self.betas):
+                raise ValueError(f"facestudio.betas must be >= 0, got {self.betas!r}")
+        for key in ("style_dropout", "face_dropout"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"facestudio.{key} must be a probability in [0, 1], got {getattr(self, key)!r}")
+
+
+class FaceStudioAdapter(nnx.Module):
+    """The shared linear layer (`fuse`: [style or text embedding || face embedding] -> N * D), the token norm and,
+    optionally, the CLIP vision tower that encodes style images (`style_encoder`, frozen)."""
+
+    def __init__(self, cfg: FaceStudioConfig, cross_dim: int, *, rngs: nnx.Rngs, style_encoder=None,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.num_tokens, self.cross_dim = cfg.num_tokens, cross_dim
+        self.style_dim, self.face_dim = cfg.style_dim, cfg.face_dim
+        self.fuse = nnx.Linear(cfg.style_dim + cfg.face_dim, cfg.num_tokens * cross_dim, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+        self.token_norm = nnx.LayerNorm(cross_dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+                                        use_fast_variance=False, rngs=rngs)
+        self.style_encoder = nnx.data(style_encoder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the equations
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def blend_faces(face_embeds: jax.Array, betas=None) -> jax.Array:
+    """e_f = sum_i beta_i e_f^i over the reference axis: (..., N, E) -> (..., E); betas (N,) (default 1/N)."""
+    face_embeds = jnp.asarray(face_embeds)
+    n = face_embeds.shape[-2]
+    w = jnp.full((n,), 1.0 / n, jnp.float32) if betas is None else jnp.asarray(betas, jnp.float32)
+    if w.shape != (n,):
+        raise ValueError(f"facestudio.betas: {w.shape[0] if w.ndim == 1 else w.shape} weights for {n} references")
+    return jnp.einsum("...ne,n->...e", face_embeds.astype(jnp.float32), w)
+
+
+def hybrid_embedding(adapter: FaceStudioAdapter, style_embeds: jax.Array, text_embeds: jax.Array,
+                     face_embed: jax.Array, alpha) -> jax.Array:
+    """e_g = alpha Linear(style || e_f) + (1 - alpha) Linear(text || e_f), (M, N * D) float32.
+
+    style_embeds / text_embeds (M, style_dim), face_embed (M, face_dim); alpha scalar or (M,). alpha 1 reads no
+    text and alpha 0 no style: the unused branch is multiplied by an exact 0 (and never NaN: inputs are finite)."""
+    alpha = jnp.asarray(alpha, jnp.float32)
+    alpha = alpha[:, None] if alpha.ndim == 1 else alpha
+    e_i = adapter.fuse(jnp.concatenate([style_embeds, face_embed], axis=-1).astype(adapter.fuse.dtype))
+    e_p = adapter.fuse(jnp.concatenate([text_embeds, face_embed], axis=-1).astype(adapter.fuse.dtype))
+    return alpha * e_i.astype(jnp.float32) + (1.0 - alpha) * e_p.astype(jnp.float32)
+
+
+def hybrid_tokens(adapter: FaceStudioAdapter, style_embeds, text_embeds, face_embeds, alpha, betas=None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Per-identity tokens: style_embeds / text_embeds (B, style_dim) (shared by the K people of a row),
+    face_embeds (B, K, N, face_dim) -> tokens (B, K * num_tokens, D) and token identity (B, K * num_tokens)."""
+    face_embeds = jnp.asarray(face_embeds)
+    if face_embeds.ndim != 4 or face_embeds.shape[-1] != adapter.face_dim:
+        raise ValueError(f"face_embeds must be (B, K, N, {adapter.face_dim}), got {face_embeds.shape}")
+    b, k = face_embeds.shape[:2]
+    for name, x in (("style_embeds", style_embeds), ("text_embeds", text_embeds)):
+        if tuple(jnp.shape(x)) != (b, adapter.style_dim):
+            raise ValueError(f"{name} must be (B={b}, {adapter.style_dim}), got {tuple(jnp.shape(x))} (the text "
+                             "branch's width must equal the style embedding width facestudio.style_dim)")
+    e_f = blend_faces(face_embeds, betas).reshape(b * k, -1)
+    rep = lambda x: jnp.repeat(jnp.asarray(x, jnp.float32), k, axis=0)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    e_g = hybrid_embedding(adapter, rep(style_embeds), rep(text_embeds), e_f, rep(alpha) if alpha.ndim else alpha)
+    tokens = adapter.token_norm(e_g.reshape(b * k, adapter.num_tokens, adapter.cross_dim))
+    tokens = tokens.reshape(b, k * adapter.num_tokens, adapter.cross_dim)
+    ids = jnp.broadcast_to(jnp.repeat(jnp.arange(k, dtype=jnp.int32), adapter.num_tokens), (b, k * adapter.num_tokens))
+    return tokens, ids
+
+
+def identity_context(model, style_embeds, text_embeds, face_embeds, alpha, *, betas=None, strength=1.0,
+                     region_masks=None) -> IdentityContext:
+    """FaceStudio's IdentityContext: the hybrid tokens in every adapted layer's cross-attention slot."""
+    from fusion_jax.identity.fusion import strength_array
+
+    face_embeds = jnp.asarray(face_embeds)
+    if face_embeds.ndim == 2:
+        face_embeds = face_embeds[:, None, None]
+    elif face_embeds.ndim == 3:
+        face_embeds = face_embeds[:, None]
+    tokens, ids = hybrid_tokens(_adapter(model), style_embeds, text_embeds, face_embeds, alpha, betas)
+    layers = [n for n, b in model.transformer_blocks().items() if b.attn2.has_identity_slot]
+    return IdentityContext(reference_tokens={n: tokens for n in layers}, token_identity={n: ids for n in layers},
+                           strength=strength_array(strength, tokens.shape[0], face_embeds.shape[1]),
+                           region_masks=region_masks)
+
+
+def pooled_text(text_hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """The pooled CLIP text state (the hidden state at each prompt's EOS token, CLIP's highest token id): the
+    'direct' text branch. text_hidden (B, L, D), input_ids (B, L) -> (B, D)."""
+    eos = jnp.argmax(input_ids, axis=-1)
+    return jnp.take_along_axis(text_hidden, eos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def style_embedding(model, pixels: jax.Array | None, batch: int) -> jax.Array:
+    """CLIP_V(style) (B, style_dim) of CLIP-normalised pixels (B, S, S, 3) through the adapter's style encoder;
+    zeros when `pixels` is None (no style)."""
+    adapter = _adapter(model)
+    if pixels is None:
+        return jnp.zeros((batch, adapter.style_dim), jnp.float32)
+    if adapter.style_encoder is None:
+        raise ValueError("facestudio: a style image was given but the adapter has no style encoder (attach with "
+                         "style_encoder=encoders.load_clip_vision(FOLDER))")
+    out = adapter.style_encoder(pixels)
+    emb = out.image_embeds if out.image_embeds is not None else out.pooler_output
+    if emb.shape[-1] != adapter.style_dim:
+        raise ValueError(f"facestudio.style_dim={adapter.style_dim}, the style encoder gives {emb.shape[-1]}")
+    return emb.astype(jnp.float32)
+
+
+def load_style_image(path, size: int, *, what: str = "--style-image") -> np.ndarray:
+    """A style image file -> (size, size, 3) CLIP-normalised float32 (resize of the centre square crop)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            s = min(w, h)
+            img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            arr = np.asarray(img.resize((size, size), Image.BICUBIC), np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"{what} {path}: cannot load the style image ({e})") from None
+    return (arr - CLIP_MEAN) / CLIP_STD
+
+
+def _adapter(model) -> FaceStudioAdapter:
+    adapter = getattr(model, "facestudio", None)
+    if adapter is None:
+        raise ValueError("facestudio: the UNet has no FaceStudio adapter (attach_adapter / FaceStudio.attach first)")
+    return adapter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model surgery, training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attach_adapter(unet, cfg: FaceStudioConfig = FaceStudioConfig(), *, style_encoder=None, rngs=None):
+    """Give `unet` (in place) the adapter `unet.facestudio` and, on every transformer block's `attn2`,
+    `to_k_ref` / `to_v_ref` as copies of its text `to_k` / `to_v` (no bias), combine `cfg.combine`."""
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    blocks = unet.transformer_blocks()
+    cross = {b.attn2.to_k.kernel.get_value().shape[0] for b in blocks.values()}
+    if len(cross) != 1:
+        raise ValueError(f"facestudio: the UNet's cross-attention widths differ ({sorted(cross)}); one token width "
+                         "serves every layer")
+    first = next(iter(blocks.values())).attn2.to_k
+    unet.facestudio = FaceStudioAdapter(cfg, cross.pop(), rngs=rngs, style_encoder=style_encoder, dtype=first.dtype,
+                                        param_dtype=first.kernel.get_value().dtype)
+    for block in blocks.values():
+        attn = block.attn2
+        pair = []
+        for src in (attn.to_k, attn.to_v):
+            in_f, out_f = src.kernel.get_value().shape
+            lin = nnx.Linear(in_f, out_f, use_bias=False, dtype=src.dtype, param_dtype=src.kernel.get_value().dtype,
+                             rngs=rngs)
+            lin.kernel.set_value(src.kernel.get_value())
+            pair.append(lin)
+        attn.to_k_ref, attn.to_v_ref = pair
+        attn.identity_combine = cfg.combine
+    return unet
+
+
+def trainable_filter(preset: str):
+    """'adapter': the shared linear layer, token norm and to_k_ref / to_v_ref; 'adapter+lora': plus LoRA;
+    'adapter+unet': plus the whole UNet (the paper's recipe). The CLIP style encoder is never trained."""
+    if preset not in TRAINABLE:
+        raise ValueError(f"train.trainable must be one of {TRAINABLE} for facestudio, got {preset!r}")
+
+    def selected(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        key = ".".join(str(p) for p in path)
+        if _STYLE_ENCODER.search(key):
+            return False
+        if preset == "adapter+unet" or _ADAPTER_PARAM.search(key):
+            return True
+        return preset == "adapter+lora" and bool(_LORA_PARAM.search(key))
+
+    return selected
+
+
+def reconstruction_loss(model, batch: dict, rng: jax.Array, schedule, cfg: FaceStudioConfig):
+    """FaceStudio's reconstruction loss: the target is the image itself, the style input its face-masked version
+    ('style_embedding' (B, style_dim), its CLIP image embedding, or 'style_image' (B, S, S, 3) CLIP-normalised
+    pixels encoded by the adapter's style encoder), the identity its face crop's ArcFace 'face_embedding' (B, E) or
+    (B, N, E). Style dropped with `style_dropout`, face with `face_dropout` (zero vectors); image branch only."""
+    for key in ("latents", "text_emb", "face_embedding"):
+        if key not in batch:
+            raise ValueError(f"facestudio loss: batch has no {key!r} (has {sorted(batch)})")
+    x0 = batch["latents"]
+    b = x0.shape[0]
+    if "style_embedding" in batch:
+        style = jnp.asarray(batch["style_embedding"], jnp.float32)
+    elif "style_image" in batch:
+        style = style_embedding(model, batch["style_image"], b)
+    else:
+        raise ValueError(f"facestudio loss: batch needs 'style_embedding' or 'style_image' (has {sorted(batch)})")
+    k_t, k_noise, k_style, k_face = jax.random.split(rng, 4)
+    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype)
+    x_t = add_noise(schedule, x0, noise, t)
+    drop_style = jax.random.bernoulli(k_style, cfg.style_dropout, (b,))
+    drop_face = jax.random.bernoulli(k_face, cfg.face_dropout, (b,))
+    style = jnp.where(drop_style[:, None], 0.0, style)
+    face = jnp.asarray(batch["face_embedding"], jnp.float32)
+    face = jnp.where(drop_face.reshape((b,) + (1,) * (face.ndim - 1)), 0.0, face)
+    ctx = identity_context(model, style, jnp.zeros_like(style), face, 1.0, strength=cfg.strength)
+    pred = model(x_t, t, batch["text_emb"], batch.get("added_cond_kwargs"), identity=ctx).astype(jnp.float32)
+    target = training_target(schedule, x0, noise, t).astype(jnp.float32)
+    return jnp.mean((pred - target) ** 2), {"style_dropped": jnp.mean(drop_style.astype(jnp.float32)),
+                                            "faces_dropped": jnp.mean(drop_face.astype(jnp.float32))}
+
+
+def parse_betas(value: str, flag: str = "--beta") -> tuple[float, ...]:
+    """'0.7,0.3' -> (0.7, 0.3); errors name the flag."""
+    try:
+        betas = tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {value!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+    if not betas or any(b < 0 for b in betas):
+        raise ValueError(f"{flag} {value!r}: expected one or more weights >= 0")
+    return betas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register
+class FaceStudio(IdentityMethod):
+    """FaceStudio behind the identity-method interface."""
+
+    name = "facestudio"
+    section = "facestudio"
+    config_class = FaceStudioConfig
+    trainable_presets = TRAINABLE
+    batch_keys = ("face_embedding", "style_embedding")
+    display_name = "FaceStudio"
+
+    def attach(self, unet, cfg: FaceStudioConfig, *, trainable: str = "all", rngs=None):
+        attach_adapter(unet, cfg, rngs=rngs)
+        if trainable == "adapter+lora":
+            from fusion_jax.identity.fusion import attach_lora
+
+            attach_lora(unet, cfg.lora_rank, rngs=rngs)
+        return unet
+
+    def trainable_filter(self, preset, cfg):
+        return trainable_filter(preset)
+
+    def loss(self, model, batch, rng, schedule, cfg):
+        return reconstruction_loss(model, batch, rng, schedule, cfg)
+
+    def sampling_inputs(self, model, cfg: FaceStudioConfig, request, *, batch, image_size, latent_size):
+        from fusion_jax.identity import ip_adapter_faceid
+        from fusion_jax.identity.fusion import latent_levels, region_masks_from_boxes, strength_array
+
+        _adapter(model)
+        if cfg.text_branch == "prior":
+            raise ValueError("facestudio.text_branch='prior' is not wired into the sampler yet (it needs the prior "
+                             "and a CLIP text encoder with projection); use facestudio.text_branch=direct")
+        if cfg.face_embeddings is None:
+            raise ValueError("facestudio needs ArcFace embeddings of the references: --face-embeddings FILE.npy "
+                             "(facestudio.face_embeddings)")
+        k, n = np.shape(request.references)[1:3]
+        emb = ip_adapter_faceid.load_face_embeddings(cfg.face_embeddings, cfg.face_dim,
+                                                     what="facestudio.face_embeddings")
+        if emb.shape[0] != k:
+            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: embeddings of {emb.shape[0]} people, the "
+                             f"references hold {k}")
+        if emb.shape[1] != n:
+            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: {emb.shape[1]} embeddings per person, the "
+                             f"references hold {n} photos per person")
+        if cfg.betas is not None and len(cfg.betas) != emb.shape[1]:
+            raise ValueError(f"--beta: {len(cfg.betas)} weights for {emb.shape[1]} references per person "
+                             "(facestudio.betas)")
+        out = {"face_embeds": jnp.broadcast_to(jnp.asarray(emb), (batch,) + emb.shape),
+               "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
+        if cfg.style_image is not None:
+            pixels = load_style_image(cfg.style_image, cfg.style_size, what="facestudio.style_image")
+            out["style_pixels"] = jnp.broadcast_to(jnp.asarray(pixels), (batch,) + pixels.shape)
+        if request.boxes is not None:
+            boxes = np.asarray(request.boxes, np.float64)
+            if boxes.ndim != 3 or boxes.shape[:2] != (batch, k):
+                raise ValueError(f"boxes must be (B={batch}, K={k}, 4) pixel boxes, got shape {boxes.shape}")
+            out["region_masks"] = region_masks_from_boxes(boxes, image_size, latent_levels(model, *latent_size))
+        elif k > 1:
+            raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+        return out
+
+    def encode_references(self, model, cfg: FaceStudioConfig, parts, key):
+        inputs = parts.inputs
+        style = style_embedding(model, inputs.get("style_pixels"), parts.batch)
+        text = pooled_text(parts.text_cond, inputs["input_ids"])
+        return identity_context(model, style, text, inputs["face_embeds"], cfg.alpha, betas=cfg.betas,
+                                strength=inputs["strength"], region_masks=inputs.get("region_masks"))
+
+    def guided_prediction(self, model, cfg, sampling_cfg, cache, parts, x_in, t, step, key):
+        from fusion_jax.sampling import identity_guided_prediction
+
+        return identity_guided_prediction(model, x_in, t, parts.text_uncond, parts.text_cond, cache, sampling_cfg)
+
+    def export_tensors(self, model, cfg) -> dict[str, np.ndarray]:
+        from fusion_jax import weights
+
+        return {k: v for k, v in weights.state_dict(model).items()
+                if _ADAPTER_PARAM.search(k) and not _STYLE_ENCODER.search(k)}
+
+    def load_tensors(self, unet, cfg, tensors, source: str):
+        from fusion_jax import weights
+
+        attach_adapter(unet, cfg)
+        weights.load_state_dict(unet, tensors, allow_missing=(r".*",), source=source)
+        expected = set(self.export_tensors(unet, cfg))
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise ValueError(f"{source}: FaceStudio tensors missing from the file: {missing[:5]}")
+        return unet
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--style-image", default=None, help="FaceStudio style image (facestudio.style_image)")
+        parser.add_argument("--alpha", type=float, default=None,
+                            help="FaceStudio hybrid weight: 1 = style image branch only, 0 = text branch only")
+        parser.add_argument("--beta", default=None,
+                            help="FaceStudio per-reference weights B[,B...] of the blended face embedding")
+        # ArcFace embeddings: --face-embeddings is declared by ip_adapter_faceid (one flag for both methods)
+
+    def apply_arguments(self, args, cfg: FaceStudioConfig, sampling_cfg):
+        changes = {}
+        if getattr(args, "style_image", None) is not None:
+            if not Path(args.style_image).is_file():
+                raise ValueError(f"--style-image {args.style_image}: no such file")
+            load_style_image(args.style_image, cfg.style_size, what="--style-image")
+            changes["style_image"] = str(args.style_image)
+        if getattr(args, "alpha", None) is not None:
+            if not 0.0 <= args.alpha <= 1.0:
+                raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+            changes["alpha"] = float(args.alpha)
+        if getattr(args, "beta", None) is not None:
+            changes["betas"] = parse_betas(args.beta)
+        if getattr(args, "face_embeddings", None) is not None:
+            from fusion_jax.identity import ip_adapter_faceid
+
+            ip_adapter_faceid.load_face_embeddings(args.face_embeddings, cfg.face_dim, what="--face-embeddings")
+            changes["face_embeddings"] = str(args.face_embeddings)
+        return (dataclasses.replace(cfg, **changes) if changes else cfg), sampling_cfg
+
+
+__all__ = ["FaceStudio", "FaceStudioConfig", "FaceStudioAdapter", "attach_adapter", "blend_faces", "hybrid_embedding",
+           "hybrid_tokens", "identity_context", "pooled_text", "style_embedding", "load_style_image",
+           "reconstruction_loss", "trainable_filter", "parse_betas"]

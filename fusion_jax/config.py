@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 
 # Sections owned by other modules, reused as they are (their fields are the YAML keys).
-from fusion_jax.data.pipeline import PipelineConfig
+from fusion_jax.data.configs import PipelineConfig
 from fusion_jax.data.synthfaces import SynthFaceConfig
 
 

@@ -28,69 +28,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import cv2
 import numpy as np
 
+from fusion_jax.data.configs import PipelineConfig
 from fusion_jax.data.sources import FaceSource, caption_text, photos_by_identity
 
 # Salt mixed into every per-example seed, so pipeline draws never coincide with other users of `seed`.
 _EXAMPLE_SALT = 0x5EED_FACE
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """How training examples are drawn, augmented, batched and sharded."""
-
-    # Side of the square target image (pixels).
-    resolution: int = 512
-    # References per example (1-4); fewer available photos are padded by duplication.
-    num_references: int = 4
-    # Side of each square reference crop (pixels); source crops are resized to it.
-    reference_size: int = 224
-    # Probability of flagging the caption as dropped (text-free guidance term).
-    p_drop_text: float = 0.1
-    # Probability of flagging the references (and face mask) as dropped.
-    p_drop_reference: float = 0.1
-    # Horizontal flip with probability 0.5 (targets; references too when augment_references).
-    flip: bool = True
-    # Random square crop of the target (else the square crop centred on the face).
-    random_crop: bool = True
-    # Smallest random crop side, as a fraction of the photo's shorter side.
-    min_crop_fraction: float = 0.8
-    # Colour jitter strength: brightness/contrast/saturation factors drawn in [1 - j, 1 + j]; 0 disables.
-    color_jitter: float = 0.1
-    # Apply flip and colour jitter to reference crops as well (each independently).
-    augment_references: bool = True
-    # Seed of the whole stream (order, references, dropout, augmentation).
-    seed: int = 0
-    # Examples per batch on this host.
-    batch_size: int = 8
-    # Parallel example loaders (tf.data map threads); -1 lets tf.data tune it.
-    num_parallel_calls: int = 4
-    # Batches prepared ahead; -1 lets tf.data tune it.
-    prefetch: int = 2
-    # Host index / count for sharding; None: jax.process_index() / jax.process_count().
-    process_index: Optional[int] = None
-    process_count: Optional[int] = None
-    # Optional tokenizer: list of B captions -> int array (B, L); adds `input_ids` to batches.
-    tokenize: Optional[Callable[[list[str]], np.ndarray]] = None
-
-    def __post_init__(self):
-        checks = [
-            (1 <= self.num_references <= 4, "num_references", "1-4"),
-            (self.resolution > 0, "resolution", "> 0"),
-            (self.reference_size > 0, "reference_size", "> 0"),
-            (0.0 <= self.p_drop_text <= 1.0, "p_drop_text", "in [0, 1]"),
-            (0.0 <= self.p_drop_reference <= 1.0, "p_drop_reference", "in [0, 1]"),
-            (0.0 < self.min_crop_fraction <= 1.0, "min_crop_fraction", "in (0, 1]"),
-            (0.0 <= self.color_jitter < 1.0, "color_jitter", "in [0, 1)"),
-            (self.batch_size > 0, "batch_size", "> 0"),
-            (self.num_parallel_calls == -1 or self.num_parallel_calls > 0, "num_parallel_calls", "> 0 or -1"),
-            (self.prefetch == -1 or self.prefetch >= 0, "prefetch", ">= 0 or -1"),
-            ((self.process_index is None) == (self.process_count is None), "process_index/process_count", "both set or both None"),
-        ]
-        for ok, field, expected in checks:
-            if not ok:
-                raise ValueError(f"PipelineConfig.{field}: expected {expected}, got {getattr(self, field.split('/')[0])!r}")
-        if self.process_count is not None and not 0 <= self.process_index < self.process_count:
-            raise ValueError(f"PipelineConfig.process_index: expected 0 <= index < {self.process_count}, got {self.process_index}")
 
 
 # ----------------------------------------------------------------------------------------------------

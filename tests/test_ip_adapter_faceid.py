@@ -254,3 +254,35 @@ def test_method_interface(tmp_path):
         method.apply_arguments(parser.parse_args(["--face-embeddings", str(tmp_path / "bad.npy")]), cfg, None)
     with pytest.raises(ValueError, match="ip_adapter_faceid.face_dropout"):
         dataclasses.replace(cfg, face_dropout=2.0)
+
+
+def test_inside_the_jitted_sampler(tmp_path):
+    """Through `sampling.generate` (the generic sampler calling the interface): scale 0 reproduces text-to-image
+    (both IP-Adapter CFG branches then see no face tokens; only the batching of the UNet calls differs, float32
+    reassociation amplified by guidance and the decoder, as in test_fusion_sampling), scale 1 changes the image."""
+    from fusion_jax import sampling
+    from fusion_jax.tiny import write_tiny_pipeline
+
+    write_tiny_pipeline(tmp_path / "pipe", seed=2)
+    pipe = weights.load_pipeline(tmp_path / "pipe")
+    method = base.get("ip_adapter_faceid")
+    method.attach(pipe.unet, ipa.IPAdapterFaceIDConfig(), rngs=nnx.Rngs(1))
+    emb = tmp_path / "face.npy"
+    np.save(emb, np.random.default_rng(0).standard_normal((1, EMB)).astype(np.float32))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cfg = sampling.SamplingConfig(height=size, width=size, output="float", num_steps=2, guidance_scale=3.0,
+                                  reference_guidance="cfg")
+    ids = sampling.tokenize(pipe, ["a person"])
+    noise = np.random.default_rng(1).standard_normal(sampling.latent_shape(pipe, cfg, 1)).astype(np.float32)
+    refs = np.zeros((1, 1, size, size, 3), np.float32)
+    icfg = ipa.IPAdapterFaceIDConfig(face_embeddings=str(emb))
+    run = lambda **kw: np.asarray(sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, noise=noise, **kw))
+    text_only = run()
+    off = run(references=refs, identity_cfg=icfg, strength=0.0)
+    on = run(references=refs, identity_cfg=icfg, strength=1.0)
+    assert np.isfinite(on).all()
+    print(f"scale 0 vs text-to-image rel_l2 {rel_l2(off, text_only):.1e}")
+    assert rel_l2(off, text_only) < 1e-5
+    assert rel_l2(on, text_only) > 1e-3
+    with pytest.raises(ValueError, match="--face-embeddings"):
+        run(references=refs, identity_cfg=ipa.IPAdapterFaceIDConfig())

@@ -286,3 +286,65 @@ def test_inside_the_jitted_sampler(tmp_path):
     assert rel_l2(on, text_only) > 1e-3
     with pytest.raises(ValueError, match="--face-embeddings"):
         run(references=refs, identity_cfg=ipa.IPAdapterFaceIDConfig())
+
+
+CLIP_DIM, CLIP_TOKENS = 48, 5
+
+
+def published_plus_state_dict(reference, *, seed=12):
+    """A random FaceID-Plus adapter in the published layout (resampler width = cross width, 1 head of 64)."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: (0.1 * rng.standard_normal(s)).astype(np.float32)
+    d = CONFIG.cross_attention_dim
+    sd = {k: v for k, v in published_state_dict(reference, seed=seed).items() if k.startswith("ip_adapter.")}
+    sd.update({"image_proj.proj.0.weight": r(2 * EMB, EMB), "image_proj.proj.0.bias": r(2 * EMB),
+               "image_proj.proj.2.weight": r(4 * d, 2 * EMB), "image_proj.proj.2.bias": r(4 * d),
+               "image_proj.norm.weight": 1 + r(d), "image_proj.norm.bias": r(d)})
+    pr = "image_proj.perceiver_resampler."
+    sd.update({pr + "proj_in.weight": 3 * r(d, CLIP_DIM), pr + "proj_in.bias": r(d),
+               pr + "proj_out.weight": 3 * r(d, d), pr + "proj_out.bias": r(d),
+               pr + "norm_out.weight": 1 + r(d), pr + "norm_out.bias": r(d)})
+    for i in range(4):
+        lp = f"{pr}layers.{i}."
+        sd.update({lp + "0.norm1.weight": 1 + r(d), lp + "0.norm1.bias": r(d), lp + "0.norm2.weight": 1 + r(d),
+                   lp + "0.norm2.bias": r(d), lp + "0.to_q.weight": 3 * r(64, d), lp + "0.to_kv.weight": 3 * r(128, d),
+                   lp + "0.to_out.weight": 3 * r(d, 64), lp + "1.0.weight": 1 + r(d), lp + "1.0.bias": r(d),
+                   lp + "1.1.weight": 3 * r(4 * d, d), lp + "1.3.weight": 3 * r(d, 4 * d)})
+    return sd
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _forward_plus(graphdef, state, sample, ehs, face, clip, s_scale, shortcut):
+    model = nnx.merge(graphdef, state)
+    ctx = ipa.identity_context(model, face, 0.8, clip_embeds=clip, shortcut=shortcut, s_scale=s_scale)
+    return model(sample, 321, ehs, identity=ctx)
+
+
+@pytest.mark.parametrize("shortcut, s_scale", [(False, 1.0), (True, 0.6)], ids=["plus", "plusv2"])
+def test_plus_matches_diffusers(tmp_path, shortcut, s_scale):
+    from safetensors.numpy import save_file
+
+    reference = torch_unet(seed=13)
+    sd = published_plus_state_dict(reference)
+    file = tmp_path / "ip-adapter-faceid-plusv2_sd15.safetensors"
+    save_file(sd, str(file))
+    model = ipa.load(our_unet(reference), file)
+    sample, ehs, face = inputs(seed=14)
+    clip = np.random.default_rng(15).standard_normal((2, CLIP_TOKENS, CLIP_DIM)).astype(np.float32)
+    graphdef, state = nnx.split(model)
+    ours = np.asarray(_forward_plus(graphdef, state, sample, ehs, face, clip, jnp.float32(s_scale), shortcut))
+    torch_model = diffusers_with_adapter(reference, sd, 0.8)
+    proj = torch_model.encoder_hid_proj.image_projection_layers[0]
+    proj.clip_embeds = torch.from_numpy(clip)[:, None]
+    proj.shortcut, proj.shortcut_scale = shortcut, s_scale
+    expected = torch_out(torch_model, sample, 321, ehs, face)
+    err = rel_l2(ours, expected)
+    print(f"plus shortcut={shortcut} rel_l2 {err:.2e}")
+    assert err < TOL
+    assert rel_l2(base_out(model, sample, 321, ehs), expected) > 1e-2
+    exported = ipa.adapter_tensors(model)
+    assert set(exported) == set(sd)
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, sd[k])
+    with pytest.raises(ValueError, match="needs clip_embeds"):
+        ipa.identity_context(model, face)

@@ -15,9 +15,17 @@ or a `.safetensors` with flat `image_proj.*` / `ip_adapter.*` keys):
   all attention processors in that order, rank 128 in the release): merged into the UNet at load time
   (W += up @ down, LoRA scale 1 as diffusers' `load_ip_adapter` applies it).
 
-These facts come from diffusers' `_convert_ip_adapter_attn_to_diffusers`, `_load_ip_adapter_loras` and
-`IPAdapterFaceIDImageProjection`; the code here is ours. Plus / PlusV2 (CLIP ViT-H face tokens through the face
-perceiver resampler) are not implemented yet: such a file is refused with an error naming it.
+FaceID-Plus / PlusV2 (`image_proj.perceiver_resampler.*` keys): the ArcFace tokens (same MLP, width
+`embed_dims`) are the latents of a 4-layer face perceiver resampler reading the face crop's CLIP ViT-H penultimate
+hidden states (`clip_embeds`, (B, 257, 1280)); PlusV2 adds the shortcut `tokens = id_tokens + s_scale * resampler`
+(`shortcut=True`, `s_scale`), a run-time setting (the files of Plus and PlusV2 have the same layout). Published keys:
+`perceiver_resampler.{proj_in,proj_out,norm_out}`, `perceiver_resampler.layers.{i}.0.{norm1,norm2,to_q,to_kv,
+to_out}` (attention; to_kv = [to_k; to_v]), `perceiver_resampler.layers.{i}.1.{0,1,3}` (LayerNorm, Linear, GELU,
+Linear; no biases).
+
+These facts come from diffusers' `_convert_ip_adapter_attn_to_diffusers`, `_convert_ip_adapter_image_proj_to_
+diffusers`, `_load_ip_adapter_loras`, `IPAdapterFaceIDImageProjection` and `IPAdapterFaceIDPlusImageProjection`;
+the code here is ours.
 
 ArcFace embeddings come from insightface (`fusion_jax.data.faces`), which the jitted sampler cannot run: at
 sampling time they are read from `ip_adapter_faceid.face_embeddings` (a .npy file, `--face-embeddings`), and
@@ -43,6 +51,9 @@ from fusion_jax.schedulers import add_noise, training_target
 
 TRAINABLE = ("adapter", "adapter+lora")
 UNCOND = ("zero_embedding", "text_only")
+VARIANTS = ("faceid", "plus")
+RESAMPLER_DEPTH = 4  # layers of the released face perceiver resampler (diffusers hard-codes 4 as well)
+RESAMPLER_HEAD_DIM = 64
 _LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _IP_KEY = re.compile(r"^(\d+)\.to_(k|v)_ip\.weight$")
 _ADAPTER_PARAM = re.compile(r"(^|\.)(ip_image_proj\.|to_[kv]_ref\.)")
@@ -63,8 +74,21 @@ class IPAdapterFaceIDConfig:
     text_dropout: float = 0.05  # training: caption -> empty prompt (IP-Adapter's recipe: 0.05)
     face_dropout: float = 0.05  # training: face embedding -> zeros (IP-Adapter's recipe: 0.05)
     lora_rank: int = 4  # 'adapter+lora': rank of fresh LoRA adapters on the UNet attention
+    variant: Literal["faceid", "plus"] = "faceid"  # MLP only, or the Plus face perceiver resampler (set by files)
+    clip_dim: int = 1280  # Plus: width of the CLIP hidden states it reads (ViT-H/14: 1280)
+    resampler_dim: int = 768  # Plus: resampler width embed_dims (SD 1.5 release: 768)
+    resampler_heads: int = 12  # Plus: attention heads of the resampler (64 channels each)
+    shortcut: bool = False  # PlusV2: tokens = id tokens + s_scale * resampler output
+    s_scale: float = 1.0  # PlusV2: the shortcut's scale (IP-Adapter's `s_scale`)
 
     def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ip_adapter_faceid.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.shortcut and self.variant != "plus":
+            raise ValueError("ip_adapter_faceid.shortcut (PlusV2) needs variant 'plus'")
+        for key in ("clip_dim", "resampler_dim", "resampler_heads"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"ip_adapter_faceid.{key} must be a positive integer, got {getattr(self, key)!r}")
         for key in ("embedding_dim", "num_tokens", "mult", "lora_rank"):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"ip_adapter_faceid.{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -96,7 +120,153 @@ class MLPProjModel(nnx.Module):
         return self.norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
+class PerceiverAttention(nnx.Module):
+    """Latents attend to [normed CLIP tokens; normed latents] (IP-Adapter's PerceiverAttention; no biases)."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner = heads * RESAMPLER_HEAD_DIM
+        self.heads = heads
+        self.norm1 = _layer_norm(dim, rngs, param_dtype)
+        self.norm2 = _layer_norm(dim, rngs, param_dtype)
+        self.to_q, self.to_k, self.to_v = (nnx.Linear(dim, inner, **kw) for _ in range(3))
+        self.to_out = nnx.Linear(inner, dim, **kw)
+
+    def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
+        from fusion_jax.models.attention import dot_product_attention
+
+        x, latents = _ln(self.norm1, x), _ln(self.norm2, latents)
+        kv = jnp.concatenate([x, latents], axis=1)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, RESAMPLER_HEAD_DIM)
+        out = dot_product_attention(split(self.to_q(latents)), split(self.to_k(kv)), split(self.to_v(kv)),
+                                    kernel="xla")
+        return self.to_out(out.reshape(out.shape[0], out.shape[1], -1))
+
+
+class PerceiverLayer(nnx.Module):
+    """attn + residual, then LayerNorm -> Linear -> GELU -> Linear + residual."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = PerceiverAttention(dim, heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ff_norm = _layer_norm(dim, rngs, param_dtype)
+        self.ff_fc1 = nnx.Linear(dim, 4 * dim, **kw)
+        self.ff_fc2 = nnx.Linear(4 * dim, dim, **kw)
+
+    def __call__(self, x, latents):
+        latents = self.attn(x, latents) + latents
+        return self.ff_fc2(jax.nn.gelu(self.ff_fc1(_ln(self.ff_norm, latents)), approximate=False)) + latents
+
+
+class FacePerceiverResampler(nnx.Module):
+    """CLIP hidden states (M, S, clip_dim) + latents (M, T, dim) -> (M, T, out_dim)."""
+
+    def __init__(self, dim: int, clip_dim: int, out_dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj_in = nnx.Linear(clip_dim, dim, **kw)
+        self.layers = nnx.List([PerceiverLayer(dim, heads, **kw) for _ in range(RESAMPLER_DEPTH)])
+        self.proj_out = nnx.Linear(dim, out_dim, **kw)
+        self.norm_out = _layer_norm(out_dim, rngs, param_dtype)
+
+    def __call__(self, clip_embeds, latents):
+        x = self.proj_in(clip_embeds)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        return _ln(self.norm_out, self.proj_out(latents))
+
+
+class ProjPlusModel(nnx.Module):
+    """FaceID-Plus image projection: ArcFace -> id tokens (MLPProjModel at the resampler width), refined by the
+    face perceiver resampler over the face crop's CLIP tokens; PlusV2's shortcut adds the id tokens back."""
+
+    def __init__(self, cfg: "IPAdapterFaceIDConfig", cross_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_tokens, self.cross_dim, self.dim = cfg.num_tokens, cross_dim, cfg.resampler_dim
+        self.fc1 = nnx.Linear(cfg.embedding_dim, cfg.embedding_dim * cfg.mult, **kw)
+        self.fc2 = nnx.Linear(cfg.embedding_dim * cfg.mult, cfg.resampler_dim * cfg.num_tokens, **kw)
+        self.norm = _layer_norm(cfg.resampler_dim, rngs, param_dtype)
+        self.perceiver = FacePerceiverResampler(cfg.resampler_dim, cfg.clip_dim, cross_dim, cfg.resampler_heads, **kw)
+
+    def __call__(self, embeds, clip_embeds, *, shortcut: bool = False, s_scale=1.0):
+        """embeds (M, E), clip_embeds (M, S, clip_dim) -> (M, num_tokens, cross_dim)."""
+        x = jax.nn.gelu(self.fc1(embeds), approximate=False)
+        x = _ln(self.norm, self.fc2(x).reshape(embeds.shape[0], self.num_tokens, self.dim))
+        out = self.perceiver(clip_embeds, x)
+        if shortcut:
+            if self.dim != self.cross_dim:
+                raise ValueError(f"ip_adapter_faceid.shortcut: resampler width {self.dim} != cross-attention width "
+                                 f"{self.cross_dim}")
+            out = x + jnp.asarray(s_scale, out.dtype) * out
+        return out
+
+
+def _layer_norm(dim, rngs, param_dtype):
+    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
+                         rngs=rngs)
+
+
+def _ln(norm, x):
+    return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
 _PROJ_TO_OURS = (("proj.0.", "fc1."), ("proj.2.", "fc2."), ("norm.", "norm."))
+_PLUS_LAYER = re.compile(r"^perceiver_resampler\.layers\.(\d+)\.(0\.(norm1|norm2|to_q|to_kv|to_out)|1\.(0|1|3))\.(weight|bias)$")
+_PLUS_FF = {"0": "ff_norm", "1": "ff_fc1", "3": "ff_fc2"}
+
+
+def _plus_to_ours(proj: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Published FaceID-Plus image_proj keys -> our ProjPlusModel keys (to_kv split into to_k / to_v)."""
+    out = {}
+    for key, value in proj.items():
+        m = _PLUS_LAYER.match(key)
+        if m:
+            i, leaf = m.group(1), m.group(5)
+            if m.group(3) == "to_kv":
+                k, v = np.split(np.asarray(value), 2, axis=0)
+                out[f"perceiver.layers.{i}.attn.to_k.{leaf}"] = k
+                out[f"perceiver.layers.{i}.attn.to_v.{leaf}"] = v
+            elif m.group(3):
+                out[f"perceiver.layers.{i}.attn.{m.group(3)}.{leaf}"] = value
+            else:
+                out[f"perceiver.layers.{i}.{_PLUS_FF[m.group(4)]}.{leaf}"] = value
+        elif key.startswith("perceiver_resampler."):
+            out["perceiver." + key[len("perceiver_resampler."):]] = value
+        else:
+            for old, new in _PROJ_TO_OURS:
+                if key.startswith(old):
+                    out[new + key[len(old):]] = value
+                    break
+            else:
+                raise ValueError(f"{source}: unexpected key image_proj.{key}")
+    return out
+
+
+def _ours_to_plus(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of `_plus_to_ours` (to_k / to_v joined into to_kv)."""
+    out = {}
+    ff = {v: k for k, v in _PLUS_FF.items()}
+    for key, value in sd.items():
+        m = re.match(r"^perceiver\.layers\.(\d+)\.(attn\.(\w+)|(ff_\w+))\.(weight|bias)$", key)
+        if m:
+            i, leaf = m.group(1), m.group(5)
+            if m.group(3) == "to_v":
+                continue
+            if m.group(3) == "to_k":
+                out[f"perceiver_resampler.layers.{i}.0.to_kv.{leaf}"] = np.concatenate(
+                    [value, sd[f"perceiver.layers.{i}.attn.to_v.{leaf}"]], axis=0)
+            elif m.group(3):
+                out[f"perceiver_resampler.layers.{i}.0.{m.group(3)}.{leaf}"] = value
+            else:
+                out[f"perceiver_resampler.layers.{i}.1.{ff[m.group(4)]}.{leaf}"] = value
+        elif key.startswith("perceiver."):
+            out["perceiver_resampler." + key[len("perceiver."):]] = value
+        else:
+            for old, new in _PROJ_TO_OURS:
+                if key.startswith(new):
+                    out[old + key[len(new):]] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,8 +311,11 @@ def attach_adapter(unet, cfg: IPAdapterFaceIDConfig = IPAdapterFaceIDConfig(), *
     cross_dim = cross_dims.pop()
     dtype = next(iter(blocks.values())).attn2.to_k.dtype
     pdtype = next(iter(blocks.values())).attn2.to_k.kernel.get_value().dtype
-    unet.ip_image_proj = MLPProjModel(cfg.embedding_dim, cross_dim, cfg.num_tokens, cfg.mult, rngs=rngs, dtype=dtype,
-                                      param_dtype=pdtype)
+    if cfg.variant == "plus":
+        unet.ip_image_proj = ProjPlusModel(cfg, cross_dim, rngs=rngs, dtype=dtype, param_dtype=pdtype)
+    else:
+        unet.ip_image_proj = MLPProjModel(cfg.embedding_dim, cross_dim, cfg.num_tokens, cfg.mult, rngs=rngs,
+                                          dtype=dtype, param_dtype=pdtype)
     for block in blocks.values():
         attn = block.attn2
         new = []
@@ -203,9 +376,6 @@ def split_sections(tensors: dict[str, np.ndarray], source: str) -> tuple[dict, d
                          f"ip_adapter sections)")
     if other:
         raise ValueError(f"{source}: keys outside image_proj.* / ip_adapter.*: {other[:6]}")
-    if "perceiver_resampler.proj_in.weight" in proj:
-        raise ValueError(f"{source}: an IP-Adapter-FaceID-Plus / PlusV2 file (face perceiver resampler); only the "
-                         "plain FaceID variant is implemented")
     if "norm.weight" not in proj or "proj.0.weight" not in proj:
         raise ValueError(f"{source}: image_proj is not FaceID's MLPProjModel (needs proj.0 / proj.2 / norm; has "
                          f"{sorted(proj)[:6]})")
@@ -216,9 +386,15 @@ def config_from_tensors(proj: dict[str, np.ndarray], base: IPAdapterFaceIDConfig
                         ) -> IPAdapterFaceIDConfig:
     """The config (embedding_dim, mult, num_tokens) implied by an image_proj state dict."""
     hidden, emb = proj["proj.0.weight"].shape
-    cross = proj["norm.weight"].shape[0]
-    return dataclasses.replace(base or IPAdapterFaceIDConfig(), embedding_dim=int(emb), mult=int(hidden // emb),
-                               num_tokens=int(proj["proj.2.weight"].shape[0] // cross))
+    width = proj["norm.weight"].shape[0]  # token width of the MLP (FaceID: cross dim; Plus: resampler dim)
+    cfg = dataclasses.replace(base or IPAdapterFaceIDConfig(), embedding_dim=int(emb), mult=int(hidden // emb),
+                              num_tokens=int(proj["proj.2.weight"].shape[0] // width))
+    if "perceiver_resampler.proj_in.weight" in proj:
+        dim, clip_dim = proj["perceiver_resampler.proj_in.weight"].shape
+        return dataclasses.replace(cfg, variant="plus", clip_dim=int(clip_dim), resampler_dim=int(dim),
+                                   resampler_heads=int(proj["perceiver_resampler.layers.0.0.to_q.weight"].shape[0]
+                                                       // RESAMPLER_HEAD_DIM))
+    return dataclasses.replace(cfg, variant="faceid", shortcut=False)
 
 
 def merge_lora(unet, adapter: dict[str, np.ndarray], source: str, scale: float = 1.0) -> int:
@@ -257,14 +433,7 @@ def load_adapter_tensors(unet, tensors: dict[str, np.ndarray], source: str,
     proj, adapter = split_sections(tensors, source)
     cfg = config_from_tensors(proj, cfg)
     attach_adapter(unet, cfg)
-    renamed = {}
-    for key, value in proj.items():
-        for old, new in _PROJ_TO_OURS:
-            if key.startswith(old):
-                renamed[new + key[len(old):]] = value
-                break
-        else:
-            raise ValueError(f"{source}: unexpected key image_proj.{key}")
+    renamed = _plus_to_ours(proj, source)
     weights.load_state_dict(unet.ip_image_proj, renamed, source=f"{source} (image_proj)")
     order = processor_order(unet)
     blocks = unet.transformer_blocks()
@@ -305,11 +474,7 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
 
     if getattr(model, "ip_image_proj", None) is None:
         raise ValueError("ip_adapter_faceid: the model has no adapter (attach_adapter / load first)")
-    out = {}
-    for key, value in weights.state_dict(model.ip_image_proj).items():
-        for old, new in _PROJ_TO_OURS:
-            if key.startswith(new):
-                out["image_proj." + old + key[len(new):]] = value
+    out = {"image_proj." + k: v for k, v in _ours_to_plus(weights.state_dict(model.ip_image_proj)).items()}
     blocks = model.transformer_blocks()
     for j, name in enumerate(processor_order(model)):
         attn = blocks[name].attn2
@@ -338,12 +503,20 @@ def save(model, path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def face_tokens(model, face_embeds) -> tuple[jax.Array, jax.Array, int]:
-    """Face embeddings (B, E), (B, N, E) or (B, K, N, E) -> tokens (B, K*N*T, D), token identity (B, K*N*T), K."""
+def is_plus(model) -> bool:
+    """Whether the model's adapter is FaceID-Plus (reads CLIP face tokens)."""
+    return isinstance(getattr(model, "ip_image_proj", None), ProjPlusModel)
+
+
+def face_tokens(model, face_embeds, clip_embeds=None, *, shortcut: bool = False, s_scale=1.0
+                ) -> tuple[jax.Array, jax.Array, int]:
+    """Face embeddings (B, E), (B, N, E) or (B, K, N, E) (Plus: and `clip_embeds` with the same leading axes plus
+    (S, clip_dim)) -> tokens (B, K*N*T, D), token identity (B, K*N*T), K."""
     if getattr(model, "ip_image_proj", None) is None:
         raise ValueError("ip_adapter_faceid: the model has no adapter (ip_adapter_faceid.load / attach_adapter)")
     emb = jnp.asarray(face_embeds)
     e = model.ip_image_proj.fc1.kernel.get_value().shape[0]
+    lead = emb.shape[:-1]
     if emb.ndim == 2:
         emb = emb[:, None, None]
     elif emb.ndim == 3:
@@ -353,22 +526,40 @@ def face_tokens(model, face_embeds) -> tuple[jax.Array, jax.Array, int]:
                          f"got shape {tuple(np.shape(face_embeds))}")
     b, k, n, _ = emb.shape
     proj = model.ip_image_proj
-    tokens = proj(emb.reshape(b * k * n, e).astype(proj.fc1.dtype or jnp.float32))  # (M, T, D)
+    flat = emb.reshape(b * k * n, e).astype(proj.fc1.dtype or jnp.float32)
+    if is_plus(model):
+        if clip_embeds is None:
+            raise ValueError("ip_adapter_faceid: a FaceID-Plus adapter needs clip_embeds (the face crop's CLIP ViT-H "
+                             "penultimate hidden states, (B, 257, 1280))")
+        clip = jnp.asarray(clip_embeds)
+        c = proj.perceiver.proj_in.kernel.get_value().shape[0]
+        if tuple(clip.shape[:-2]) != tuple(lead) or clip.shape[-1] != c:
+            raise ValueError(f"clip_embeds must be {tuple(lead)} + (S, {c}) to match face_embeds {tuple(lead)}, "
+                             f"got shape {tuple(clip.shape)}")
+        tokens = proj(flat, clip.reshape((b * k * n,) + clip.shape[-2:]).astype(flat.dtype), shortcut=shortcut,
+                      s_scale=s_scale)
+    else:
+        if clip_embeds is not None or shortcut:
+            raise ValueError("ip_adapter_faceid: clip_embeds / shortcut are for FaceID-Plus adapters; this one is "
+                             "plain FaceID")
+        tokens = proj(flat)  # (M, T, D)
     t = tokens.shape[1]
     tokens = tokens.reshape(b, k * n * t, tokens.shape[-1])
     ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n * t)[None].repeat(b, axis=0)
     return tokens, ids, k
 
 
-def identity_context(model, face_embeds, scale=1.0, *, region_masks=None) -> IdentityContext:
+def identity_context(model, face_embeds, scale=1.0, *, clip_embeds=None, shortcut: bool = False, s_scale=1.0,
+                     region_masks=None) -> IdentityContext:
     """The IdentityContext of IP-Adapter-FaceID: the same face tokens for every adapted layer.
 
     face_embeds: (B, 512) one face per row; (B, N, 512) N images of one person (tokens concatenated, as diffusers
     does for several images); (B, K, N, 512) K people (then `region_masks`, see `fusion.region_masks_from_boxes`,
-    say where each goes). scale: IP-Adapter's scale (scalar, (K,) or (B, K)); 0 gives the base UNet exactly."""
+    say where each goes). scale: IP-Adapter's scale (scalar, (K,) or (B, K)); 0 gives the base UNet exactly.
+    Plus: `clip_embeds` (face_embeds' leading axes + (257, 1280)); PlusV2: `shortcut=True` with `s_scale`."""
     from fusion_jax.identity.fusion import strength_array
 
-    tokens, ids, k = face_tokens(model, face_embeds)
+    tokens, ids, k = face_tokens(model, face_embeds, clip_embeds, shortcut=shortcut, s_scale=s_scale)
     layers = identity_layers(model)
     return IdentityContext(reference_tokens={name: tokens for name in layers},
                            token_identity={name: ids for name in layers},

@@ -29,6 +29,7 @@ CONFIG = UNetConfig(
     attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 EMB = 512
+CLIP_DIM, CLIP_TOKENS = 48, 5  # Plus: a tiny CLIP width and token count
 
 
 def torch_unet(seed=0):
@@ -256,17 +257,28 @@ def test_method_interface(tmp_path):
         dataclasses.replace(cfg, face_dropout=2.0)
 
 
-def test_inside_the_jitted_sampler(tmp_path):
+@pytest.mark.parametrize("variant", ["faceid", "plusv2"])
+def test_inside_the_jitted_sampler(tmp_path, variant):
     """Through `sampling.generate` (the generic sampler calling the interface): scale 0 reproduces text-to-image
     (both IP-Adapter CFG branches then see no face tokens; only the batching of the UNet calls differs, float32
-    reassociation amplified by guidance and the decoder, as in test_fusion_sampling), scale 1 changes the image."""
+    reassociation amplified by guidance and the decoder, as in test_fusion_sampling), scale 1 changes the image.
+    PlusV2: the CLIP tokens come from the reference crops through the model's (tiny) image encoder."""
     from fusion_jax import sampling
+    from fusion_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
     from fusion_jax.tiny import write_tiny_pipeline
 
     write_tiny_pipeline(tmp_path / "pipe", seed=2)
     pipe = weights.load_pipeline(tmp_path / "pipe")
     method = base.get("ip_adapter_faceid")
-    method.attach(pipe.unet, ipa.IPAdapterFaceIDConfig(), rngs=nnx.Rngs(1))
+    icfg = ipa.IPAdapterFaceIDConfig()
+    if variant == "plusv2":
+        icfg = ipa.IPAdapterFaceIDConfig(variant="plus", clip_dim=CLIP_DIM, resampler_dim=32, resampler_heads=1,
+                                         shortcut=True, s_scale=0.5)
+    method.attach(pipe.unet, icfg, rngs=nnx.Rngs(1))
+    if variant == "plusv2":
+        tower = CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, image_size=32, patch_size=16)
+        ipa.attach_image_encoder(pipe.unet, nnx.jit(lambda: CLIPVisionModel(tower, rngs=nnx.Rngs(2)))())
     emb = tmp_path / "face.npy"
     np.save(emb, np.random.default_rng(0).standard_normal((1, EMB)).astype(np.float32))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -274,21 +286,21 @@ def test_inside_the_jitted_sampler(tmp_path):
                                   reference_guidance="cfg")
     ids = sampling.tokenize(pipe, ["a person"])
     noise = np.random.default_rng(1).standard_normal(sampling.latent_shape(pipe, cfg, 1)).astype(np.float32)
-    refs = np.zeros((1, 1, size, size, 3), np.float32)
-    icfg = ipa.IPAdapterFaceIDConfig(face_embeddings=str(emb))
+    refs = np.random.default_rng(3).uniform(-1, 1, (1, 1, size, size, 3)).astype(np.float32)
+    icfg = dataclasses.replace(icfg, face_embeddings=str(emb))
     run = lambda **kw: np.asarray(sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, noise=noise, **kw))
     text_only = run()
     off = run(references=refs, identity_cfg=icfg, strength=0.0)
     on = run(references=refs, identity_cfg=icfg, strength=1.0)
     assert np.isfinite(on).all()
-    print(f"scale 0 vs text-to-image rel_l2 {rel_l2(off, text_only):.1e}")
+    print(f"{variant}: scale 0 vs text-to-image rel_l2 {rel_l2(off, text_only):.1e}")
     assert rel_l2(off, text_only) < 1e-5
     assert rel_l2(on, text_only) > 1e-3
     with pytest.raises(ValueError, match="--face-embeddings"):
-        run(references=refs, identity_cfg=ipa.IPAdapterFaceIDConfig())
-
-
-CLIP_DIM, CLIP_TOKENS = 48, 5
+        run(references=refs, identity_cfg=dataclasses.replace(icfg, face_embeddings=None))
+    if variant == "plusv2":
+        with pytest.raises(ValueError, match="1 embeddings per person; FaceID-Plus pairs"):
+            run(references=np.concatenate([refs, refs], axis=1), identity_cfg=icfg)
 
 
 def published_plus_state_dict(reference, *, seed=12):

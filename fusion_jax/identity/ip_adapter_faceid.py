@@ -58,6 +58,8 @@ _LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _IP_KEY = re.compile(r"^(\d+)\.to_(k|v)_ip\.weight$")
 _ADAPTER_PARAM = re.compile(r"(^|\.)(ip_image_proj\.|to_[kv]_ref\.)")
 _LORA_PARAM = re.compile(r"(^|\.)lora\.lora_[ab]$")
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 @dataclass(frozen=True)
@@ -461,11 +463,52 @@ def load_adapter_tensors(unet, tensors: dict[str, np.ndarray], source: str,
     return unet, cfg
 
 
-def load(unet, path, *, allow_pickle: bool = False, cfg: IPAdapterFaceIDConfig | None = None):
+def load(unet, path, *, allow_pickle: bool = False, cfg: IPAdapterFaceIDConfig | None = None, image_encoder=None):
     """A published IP-Adapter-FaceID file (`.bin` with allow_pickle, or `.safetensors`) onto our UNet (in place):
-    returns the UNet with the adapter attached (and the FaceID LoRA merged when the file has it)."""
+    returns the UNet with the adapter attached (and the FaceID LoRA merged when the file has it). Plus variants:
+    `image_encoder` (our CLIP vision tower, or a folder for `encoders.load_clip_vision`, e.g. the IP-Adapter repo's
+    `models/image_encoder`, CLIP ViT-H/14) lets the sampler compute `clip_embeds` from the reference crops."""
     model, _ = load_adapter_tensors(unet, read_published(path, allow_pickle=allow_pickle), str(path), cfg)
+    if image_encoder is not None:
+        attach_image_encoder(model, image_encoder)
     return model
+
+
+def attach_image_encoder(model, image_encoder):
+    """Give a Plus model the CLIP vision tower (module or folder) whose penultimate hidden states of the face crop
+    are `clip_embeds` (frozen: no trainable preset selects it; not part of the adapter's export)."""
+    if isinstance(image_encoder, (str, Path)):
+        from fusion_jax import encoders
+
+        image_encoder = encoders.load_clip_vision(image_encoder)
+    model.ip_image_encoder = image_encoder
+    return model
+
+
+def clip_face_embeds(model, references: jax.Array) -> jax.Array:
+    """Reference crops (..., H, W, 3) in [-1, 1] -> CLIP penultimate hidden states (..., S, C) through the model's
+    `ip_image_encoder` (bicubic resize to its input size, CLIP normalisation, as CLIPImageProcessor does for a
+    square crop)."""
+    encoder = getattr(model, "ip_image_encoder", None)
+    if encoder is None:
+        raise ValueError("ip_adapter_faceid: a FaceID-Plus adapter needs the CLIP ViT-H image encoder for the face "
+                         "crops: ip_adapter_faceid.load(..., image_encoder=FOLDER) or attach_image_encoder")
+    refs = jnp.asarray(references, jnp.float32)
+    lead, size = refs.shape[:-3], encoder.vision_model.config.image_size
+    flat = refs.reshape((-1,) + refs.shape[-3:])
+    flat = jax.image.resize((flat + 1.0) / 2.0, (flat.shape[0], size, size, 3), "bicubic")
+    pixels = (jnp.clip(flat, 0.0, 1.0) - CLIP_MEAN) / CLIP_STD
+    hidden = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    return hidden.reshape(lead + hidden.shape[1:])
+
+
+def clip_zero_image_embeds(model, shape: tuple) -> jax.Array:
+    """CLIP hidden states of an all-zero (normalised) image, broadcast to `shape` + (S, C): IP-Adapter Plus'
+    negative image input."""
+    encoder = model.ip_image_encoder
+    size = encoder.vision_model.config.image_size
+    hidden = encoder(jnp.zeros((1, size, size, 3), jnp.float32), output_hidden_states=True).hidden_states[-2]
+    return jnp.broadcast_to(hidden[0], tuple(shape) + hidden.shape[1:])
 
 
 def adapter_tensors(model) -> dict[str, np.ndarray]:
@@ -670,6 +713,14 @@ class IPAdapterFaceID(IdentityMethod):
         if emb.shape[0] != k:
             raise ValueError(f"--face-embeddings {cfg.face_embeddings}: embeddings of {emb.shape[0]} people, the "
                              f"references hold {k}")
+        if is_plus(model):
+            n = np.shape(request.references)[2]
+            if emb.shape[1] != n:
+                raise ValueError(f"--face-embeddings {cfg.face_embeddings}: {emb.shape[1]} embeddings per person; "
+                                 f"FaceID-Plus pairs each with its reference crop and the references hold {n}")
+            if getattr(model, "ip_image_encoder", None) is None:
+                raise ValueError("ip_adapter_faceid: a FaceID-Plus adapter needs the CLIP ViT-H image encoder "
+                                 "(ip_adapter_faceid.load(..., image_encoder=FOLDER))")
         out = {"face_embeds": jnp.broadcast_to(jnp.asarray(emb), (batch,) + emb.shape),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
         if request.boxes is not None:
@@ -682,11 +733,18 @@ class IPAdapterFaceID(IdentityMethod):
         return out
 
     def encode_references(self, model, cfg, parts, key):
+        """The face tokens once per image (and those of a zero embedding / zero image for IP-Adapter's negative
+        branch); Plus: CLIP ViT-H of the reference crops through the model's image encoder."""
         inputs = parts.inputs
-        ctx = identity_context(model, inputs["face_embeds"], inputs["strength"],
-                               region_masks=inputs.get("region_masks"))
-        zero = identity_context(model, jnp.zeros_like(inputs["face_embeds"]), inputs["strength"],
-                                region_masks=inputs.get("region_masks"))
+        emb = inputs["face_embeds"]
+        kw = dict(region_masks=inputs.get("region_masks"))
+        clip = zero_clip = None
+        if is_plus(model):
+            clip = clip_face_embeds(model, inputs["references"])
+            zero_clip = clip_zero_image_embeds(model, emb.shape[:-1])
+            kw.update(shortcut=cfg.shortcut, s_scale=cfg.s_scale)
+        ctx = identity_context(model, emb, inputs["strength"], clip_embeds=clip, **kw)
+        zero = identity_context(model, jnp.zeros_like(emb), inputs["strength"], clip_embeds=zero_clip, **kw)
         return ctx, zero
 
     def guided_prediction(self, model, cfg, sampling_cfg, cache, parts, x_in, t, step, key):
@@ -717,6 +775,8 @@ class IPAdapterFaceID(IdentityMethod):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--ip-scale", type=float, default=None,
                             help="IP-Adapter scale (ip_adapter_faceid.strength; 0 = the base model)")
+        parser.add_argument("--s-scale", type=float, default=None,
+                            help="FaceID-PlusV2: the shortcut scale s_scale (turns the PlusV2 shortcut on)")
         parser.add_argument("--face-embeddings", default=None,
                             help="ArcFace embeddings of the reference faces, a .npy (512,), (N, 512) or (K, N, 512)")
 
@@ -726,12 +786,17 @@ class IPAdapterFaceID(IdentityMethod):
             if args.ip_scale < 0:
                 raise ValueError(f"--ip-scale must be >= 0, got {args.ip_scale}")
             changes["strength"] = float(args.ip_scale)
+        if getattr(args, "s_scale", None) is not None:
+            if cfg.variant != "plus":
+                raise ValueError(f"--s-scale is for FaceID-PlusV2 adapters; the loaded adapter is {cfg.variant!r}")
+            changes.update(shortcut=True, s_scale=float(args.s_scale))
         if getattr(args, "face_embeddings", None) is not None:
             load_face_embeddings(args.face_embeddings, cfg.embedding_dim, what="--face-embeddings")
             changes["face_embeddings"] = str(args.face_embeddings)
         return (dataclasses.replace(cfg, **changes) if changes else cfg), sampling_cfg
 
 
-__all__ = ["IPAdapterFaceID", "IPAdapterFaceIDConfig", "MLPProjModel", "attach_adapter", "load", "save",
+__all__ = ["IPAdapterFaceID", "IPAdapterFaceIDConfig", "MLPProjModel", "ProjPlusModel", "FacePerceiverResampler",
+           "attach_adapter", "attach_image_encoder", "clip_face_embeds", "is_plus", "load", "save",
            "read_published", "load_adapter_tensors", "adapter_tensors", "merge_lora", "processor_order",
            "identity_context", "face_tokens", "load_face_embeddings", "faceid_loss", "trainable_filter"]

@@ -309,8 +309,14 @@ def test_presets_and_config_errors_name_the_field():
     assert (scfg.reference_guidance_scale, scfg.reference_guidance_max_timestep, scfg.num_steps) == (2.0, None, 50)
     with pytest.raises(ValueError, match="--preset"):
         flashface.preset("fast")
+    args.face_box, args.preset = "0.25,0.125,0.5,0.5", None
+    cfg, _ = flashface.FlashFace().apply_arguments(args, flashface.FlashFaceConfig(), SamplingConfig())
+    assert cfg.face_box == (0.25, 0.125, 0.5, 0.5) and cfg.strength == cfg.feature_strength == 1.2
+    out = flashface.FlashFace().sampling_inputs(None, cfg, ReferenceRequest(np.zeros((1, 1, 4, 4, 3))), batch=1,
+                                                image_size=(64, 64), latent_size=(8, 8))
+    np.testing.assert_array_equal(out["face_mask"], flashface.face_mask(np.array([[16, 8, 32, 32]]), (64, 64), (8, 8)))
     for field, value in (("reference_timestep", "never"), ("mask_side", "round"), ("text_dropout", 1.5),
-                         ("num_references", 0), ("feature_strength", float("nan"))):
+                         ("num_references", 0), ("feature_strength", float("nan")), ("face_box", (0.5, 0, 0.2, 1))):
         with pytest.raises(ValueError, match=f"flashface.{field}"):
             flashface.FlashFaceConfig(**{field: value})
 
@@ -459,3 +465,77 @@ def test_released_text_encoder_matches_its_restatement(tmp_path):
     assert rel_l2(got, expected) < TOL
     with pytest.raises(weights.CheckpointMismatchError, match=r"textual\.transformer\.0\.oops"):
         flashface.released_clip_text_tensors({"textual.transformer.0.oops.weight": np.zeros(2)})
+
+
+def test_generate_end_to_end_matches_a_manual_loop(tmp_path):
+    """`sampling.generate` with the FlashFace model as the pipeline's UNet against a loop written here from the
+    public pieces (text encoder, VAE posterior mean, the DDIM sampler, `guided_noise`, decode): 2 trailing DDIM
+    steps (t = 999 above the gate, 499 below it), a face box, 2 references cycled to 4."""
+    from fusion_jax import sampling, schedulers
+    from fusion_jax.tiny import write_tiny_pipeline
+
+    write_tiny_pipeline(tmp_path / "tiny", seed=0)
+    pipeline = weights.load_pipeline(tmp_path / "tiny")
+    cfg = flashface.FlashFaceConfig()
+    model = flashface.FlashFace().attach(pipeline.unet, cfg)
+    pipeline = dataclasses.replace(pipeline, unet=model)
+    settings = dict(flashface.preset("code")["sampling"], num_steps=2)
+    scfg = sampling.SamplingConfig(height=16, width=16, output="float", **settings)
+    ids = sampling.tokenize(pipeline, ["a photo of a person"])
+    rng = np.random.default_rng(3)
+    refs = rng.uniform(-1, 1, (1, 2, 8, 8, 3)).astype(np.float32)
+    box = np.array([[[4, 2, 10, 8]]], np.float64)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    got = sampling.generate(pipeline, ids, key=jax.random.key(0), cfg=scfg, references=refs, boxes=box,
+                            identity_cfg=cfg, noise=noise)
+
+    guidance = flashface.preset("code")["guidance"]
+    empty = sampling.tokenize(pipeline, [""])
+    sampler = schedulers.make_sampler("ddim", pipeline.schedule, 2, timestep_spacing="trailing")
+    assert [int(t) for t in np.asarray(sampler.timesteps)] == [999, 499]  # both sides of the gate
+    mask = np.zeros((16, 16), np.float32)
+    side = max(10 - 2, 8 - 2)  # the demo's square
+    mask[2:2 + side, 4:4 + side] = 1
+    mask = mask[::2, ::2][None, :, :, None]
+
+    def manual(parts, ids, empty, refs, noise, mask):
+        unet, vae, text_encoder = parts
+        c = text_encoder(ids).last_hidden_state
+        nc = text_encoder(empty).last_hidden_state
+        cycled = refs[0][jnp.array([0, 1, 0, 1])]
+        ref_latents = sampling.encode_reference_images(vae, cycled)
+        x = noise * sampler.init_noise_sigma
+        state = sampler.init_state(x)
+        # the gate decided here, per step: 2-way (no reference guidance) at t=999, 3-way (no gate) at t=499
+        per_step = (dataclasses.replace(guidance, reference=0.0), dataclasses.replace(guidance, gate=None))
+        for i, g in enumerate(per_step):
+            x_in = sampler.scale_model_input(x, i)
+            t = jnp.full((1,), sampler.timesteps[i])
+            eps = flashface.guided_noise(unet, x_in, t, c, nc, ref_latents, jnp.repeat(nc, 4, axis=0), mask, g)
+            x, state = sampler.step(state, eps, x, i, jax.random.key(1))
+        return sampling.decode_latents(vae, x, "float")
+
+    models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    graphdefs, states = zip(*(nnx.split(m) for m in models))
+    expected = jax.jit(lambda s, *a: manual(tuple(nnx.merge(g, x) for g, x in zip(graphdefs, s)), *a))(
+        states, ids, empty, refs, noise, mask)
+    assert got.shape == (1, 16, 16, 3)
+    assert rel_l2(got, expected) < TOL
+
+
+def test_cached_variant_encodes_references_once_at_t0(ours):
+    """'current' (released) caches nothing; 'cached' runs the reference pass once at t=0: per-example features
+    for every mid / decoder layer (shapes only: traced, not compiled)."""
+    from fusion_jax.identity.base import SamplingParts
+
+    method = flashface.FlashFace()
+    b, n = 2, 4
+    parts = SamplingParts(text_uncond=jnp.zeros((b, L, 16)), text_cond=jnp.zeros((b, L, 16)),
+                          empty_text=jnp.zeros((b, L, 16)), ref_latents=jnp.zeros((b, 1, n, RH, RH, 4)),
+                          inputs={}, schedule=None, batch=b)
+    assert method.encode_references(ours, flashface.FlashFaceConfig(), parts, jax.random.key(0)) is None
+    cache = jax.eval_shape(lambda: method.encode_references(ours, flashface.FlashFaceConfig(reference_timestep="cached"),
+                                                           parts, jax.random.key(0)))
+    assert sorted(cache) == sorted(ours.layers)
+    assert cache["mid_block.attentions.0.transformer_blocks.0"].shape == (b, n, 4 * 4, 64)
+    assert cache["up_blocks.1.attentions.1.transformer_blocks.0"].shape == (b, n, RH * RH, 32)

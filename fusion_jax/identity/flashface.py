@@ -83,8 +83,12 @@ class FlashFaceConfig:
     init: Literal["copy", "zero"] = "copy"  # SA' from attn1; 'zero' also zeroes its output projection (base model)
     text_dropout: float = 0.1  # training: probability of replacing a caption by the empty prompt
     reference_dropout: float = 0.1  # training: probability of dropping a sample's references and mask together
+    face_box: Optional[tuple[float, ...]] = None  # normalised (x1, y1, x2, y2) face position (--face-box), used
+    #                                             # when the caller passes no pixel boxes; None: no mask
 
     def __post_init__(self):
+        if self.face_box is not None:
+            object.__setattr__(self, "face_box", normalized_box(self.face_box, "flashface.face_box"))
         for key, value, allowed in (("reference_timestep", self.reference_timestep, REFERENCE_TIMESTEPS),
                                     ("mask_side", self.mask_side, MASK_SIDES), ("init", self.init, INITS)):
             if value not in allowed:
@@ -100,6 +104,11 @@ class FlashFaceConfig:
             raise ValueError(f"flashface.num_references must be a positive int, got {self.num_references!r}")
         if not isinstance(self.reference_size, int) or self.reference_size < 8:
             raise ValueError(f"flashface.reference_size must be an int >= 8 pixels, got {self.reference_size!r}")
+
+    @property
+    def strength(self) -> float:
+        """The identity strength generic callers read (the CLI's default --reference-strength): feature_strength."""
+        return self.feature_strength
 
 
 @dataclass(frozen=True)
@@ -981,7 +990,9 @@ class FlashFace(IdentityMethod):
                 raise ValueError(f"reference_valid must be (B, N)=({batch}, {refs.shape[1]}) (or (B, 1, N)), got "
                                  f"shape {valid.shape}")
         refs = pad_references(refs, valid, cfg.num_references)
-        if request.boxes is None:
+        if request.boxes is None and cfg.face_box is not None:
+            boxes = np.broadcast_to(face_box_pixels(cfg.face_box, *image_size, flag="flashface.face_box"), (batch, 4))
+        elif request.boxes is None:
             boxes = np.zeros((batch, 4))
         else:
             boxes = np.asarray(request.boxes, np.float64)
@@ -1076,7 +1087,7 @@ class FlashFace(IdentityMethod):
                     raise ValueError(f"--{flag.replace('_', '-')}: must be a finite number, got {value!r}")
                 cfg = dataclasses.replace(cfg, **{field: float(value)})
         if getattr(args, "face_box", None) is not None:
-            normalized_box(args.face_box, "--face-box")  # validated here; `face_box_pixels` converts it
+            cfg = dataclasses.replace(cfg, face_box=normalized_box(args.face_box, "--face-box"))
         return cfg, sampling_cfg
 
 

@@ -218,3 +218,43 @@ def test_method_flags_bad_input_and_export(tmp_path):
         np.testing.assert_array_equal(v, tensors[k])
     with pytest.raises(ValueError, match="export2: FaceStudio tensors missing"):
         method.load_tensors(tiny_unet(seed=2), CFG, {k: v for k, v in tensors.items() if "fuse" not in k}, "export2")
+
+
+def test_inside_the_jitted_sampler(tmp_path):
+    """Through `sampling.generate`: a style image (loaded from a file, encoded by the adapter's tiny CLIP tower
+    inside the jitted function), the 'direct' text branch from the prompt; strength 0 reproduces text-to-image
+    (float32 reassociation of differently batched UNet calls, as in test_fusion_sampling) and strength 1 changes
+    the image. (Each style file is part of the method config, hence of the compile key: one file here.)"""
+    from PIL import Image
+
+    from fusion_jax import sampling
+    from fusion_jax.tiny import write_tiny_pipeline
+
+    write_tiny_pipeline(tmp_path / "pipe", seed=3)
+    pipe = weights.load_pipeline(tmp_path / "pipe")
+    cfg_fs = fs.FaceStudioConfig(num_tokens=2, style_dim=32, face_dim=6, alpha=1.0, style_size=32)
+    tower = CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=32, num_hidden_layers=1,
+                             num_attention_heads=2, image_size=32, patch_size=16)
+    fs.attach_adapter(pipe.unet, cfg_fs, style_encoder=nnx.jit(lambda: CLIPVisionModelWithProjection(
+        tower, rngs=nnx.Rngs(3)))(), rngs=nnx.Rngs(4))
+    perturb(pipe.unet.facestudio.fuse, 5)
+    rng = np.random.default_rng(6)
+    style_a = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(style_a)
+    faces = tmp_path / "faces.npy"
+    np.save(faces, rng.standard_normal((2, 6)).astype(np.float32))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cfg = sampling.SamplingConfig(height=size, width=size, output="float", num_steps=2, guidance_scale=3.0,
+                                  reference_guidance="cfg")
+    ids = sampling.tokenize(pipe, ["a person"])
+    noise = rng.standard_normal(sampling.latent_shape(pipe, cfg, 1)).astype(np.float32)
+    refs = np.zeros((1, 2, size, size, 3), np.float32)
+    cfg_fs = dataclasses.replace(cfg_fs, face_embeddings=str(faces), betas=(0.6, 0.4), style_image=str(style_a))
+    run = lambda icfg, **kw: np.asarray(sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, noise=noise,
+                                                          references=refs, identity_cfg=icfg, **kw))
+    text_only = np.asarray(sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, noise=noise))
+    off = run(cfg_fs, strength=0.0)
+    on_a = run(cfg_fs, strength=1.0)
+    print(f"strength 0 vs text-to-image rel_l2 {rel_l2(off, text_only):.1e}")
+    assert rel_l2(off, text_only) < 1e-5
+    assert np.isfinite(on_a).all() and rel_l2(on_a, text_only) > 1e-3

@@ -502,6 +502,74 @@ def _hue(rgb: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Frechet distance in the identity embedder's feature space (FID with this world's embedder for Inception)
+# ------------------------------------------------------------------------------------------------------
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), covariance (D, D)) of features (N, D) in float64; covariance unbiased (N - 1), as pytorch-fid's
+    `np.cov(act, rowvar=False)`."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), in float64.
+
+    Computed as pytorch-fid's `calculate_frechet_distance`: scipy.linalg.sqrtm of the product; if that is not
+    finite (singular product: fewer samples than dimensions), eps * I is added to both covariances first; a
+    complex result with imaginary diagonal above 1e-3 is an error, a smaller imaginary part is dropped."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mu1 and mu2 must have the same shape, got {mu1.shape} and {mu2.shape}")
+    if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"sigma1 and sigma2 must be ({mu1.shape[0]}, {mu1.shape[0]}), got {sigma1.shape} and "
+                         f"{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"frechet_distance: sqrtm has imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def feature_frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to two feature sets (N_a, D) and (N_b, D)."""
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+def embedder_frechet_distance(embedder: IdentityEmbedder, images_a: np.ndarray, images_b: np.ndarray) -> float:
+    """Frechet distance between two image sets in the identity embedder's (unit-normalised) feature space.
+
+    Like FID it is biased upwards at finite N (more so at small N relative to the 128 dimensions): compare it
+    only with a real-vs-real floor computed on sets of the same sizes (`real_frechet_floor`)."""
+    return feature_frechet_distance(embedder(images_a), embedder(images_b))
+
+
+def real_frechet_floor(embedder: IdentityEmbedder, faces: synthfaces.SynthFaceConfig, identity_ids: np.ndarray,
+                       photos_a: np.ndarray, photos_b: np.ndarray) -> float:
+    """The Frechet distance of real photos against real photos: the same identities, disjoint photo ids (other
+    poses, lighting and prompt attributes), i.e. what a perfect generator would score at this N."""
+    overlap = set(np.asarray(photos_a).tolist()) & set(np.asarray(photos_b).tolist())
+    if overlap:
+        raise ValueError(f"photos_a and photos_b must be disjoint, both hold {sorted(overlap)}")
+    images_a, _, _ = render_photos(faces, identity_ids, photos_a)
+    images_b, _, _ = render_photos(faces, identity_ids, photos_b)
+    return embedder_frechet_distance(embedder, images_a, images_b)
+
+
+# ------------------------------------------------------------------------------------------------------
 # Checking and caching: verification on held-out identities, reader accuracy, one cached directory
 # ------------------------------------------------------------------------------------------------------
 

@@ -258,3 +258,49 @@ def test_inside_the_jitted_sampler(tmp_path):
     print(f"strength 0 vs text-to-image rel_l2 {rel_l2(off, text_only):.1e}")
     assert rel_l2(off, text_only) < 1e-5
     assert np.isfinite(on_a).all() and rel_l2(on_a, text_only) > 1e-3
+
+
+def test_prior_text_branch(tmp_path):
+    """text_branch 'prior': Prior(CLIP_T(text)) inside a jitted function equals `sample_prior` called directly on
+    the text encoder's outputs (mask up to the first EOS, empty-prompt negative, same key); that embedding is what
+    the hybrid's text branch reads; a prior of the wrong width is an error naming the folder."""
+    from diffusers import PriorTransformer as TorchPrior
+
+    from fusion_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
+    from fusion_jax.models.prior import PriorConfig, PriorTransformer, sample_prior
+    from fusion_jax.schedulers.unclip import UnCLIPSampler
+
+    cfg = dataclasses.replace(CFG, style_dim=16, text_branch="prior", prior_steps=2, prior_guidance=3.0)
+    text_cfg = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, projection_dim=16,
+                              num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=6, eos_token_id=2)
+    text_encoder = nnx.jit(lambda: CLIPTextModelWithProjection(text_cfg, rngs=nnx.Rngs(1)))()
+    prior = nnx.jit(lambda: PriorTransformer(PriorConfig(num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                                         embedding_dim=16, num_embeddings=6), rngs=nnx.Rngs(2)))()
+    perturb(prior, 3)
+    sampler = UnCLIPSampler.from_diffusers_config({"_class_name": "UnCLIPScheduler"}, cfg.prior_steps)
+    model = fs.attach_adapter(tiny_unet(seed=4), cfg)
+    fs.attach_prior(model, prior, text_encoder, sampler)
+    ids = jnp.asarray([[0, 5, 7, 49, 49, 49], [0, 3, 49, 49, 49, 49]], jnp.int32)  # 49: EOS (highest id) and pad
+    empty = jnp.asarray([[0, 49, 49, 49, 49, 49]] * 2, jnp.int32)
+    key = jax.random.key(5)
+    graphdef, state = nnx.split(model)
+    ours = jax.jit(lambda st: fs.prior_text_embedding(nnx.merge(graphdef, st), ids, empty, key, cfg))(state)
+    te, te_neg = text_encoder(ids), text_encoder(empty[:1])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], bool)
+    neg_mask = jnp.asarray([[1, 1, 0, 0, 0, 0]], bool)
+    expected = sample_prior(prior, sampler, te.text_embeds, te.last_hidden_state, jnp.asarray(mask),
+                            negative=(te_neg.text_embeds, te_neg.last_hidden_state, neg_mask), guidance_scale=3.0,
+                            key=key)
+    assert ours.shape == (2, 16)
+    err = rel_l2(ours, expected)
+    print(f"prior branch vs sample_prior rel_l2 {err:.1e}")
+    assert err < 1e-5
+    with pytest.raises(ValueError, match="outputs 12-wide CLIP image embeddings, facestudio.style_dim is 16"):
+        small = nnx.eval_shape(lambda: PriorTransformer(PriorConfig(num_attention_heads=2, attention_head_dim=8,
+                                                                    num_layers=1, embedding_dim=12, num_embeddings=6),
+                                                        rngs=nnx.Rngs(0)))
+        fs.attach_prior(model, small, text_encoder, sampler)
+    TorchPrior(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=12,
+               num_embeddings=6).save_pretrained(tmp_path / "karlo" / "prior")
+    with pytest.raises(ValueError, match=r"prior .*karlo.* width"):
+        fs.load_prior_branch(model, tmp_path / "karlo", cfg)

@@ -14,10 +14,12 @@ Our choices (the paper has no public code):
 - The tokens enter every cross-attention layer through the shared identity token slot with new projections
   `to_k_ref` / `to_v_ref` initialised as copies of the layer's text `to_k` / `to_v`, combine 'joint' by default
   (one softmax over [text; identity tokens]: at initialisation exactly "identity tokens appended to the prompt").
-- `text_branch: direct` uses the pooled CLIP text state of the prompt (the UNet's own text encoder at the EOS
-  token) in place of Prior(CLIP_T(text)), so the method runs without a prior checkpoint; its width must equal the
-  style embedding width. `prior` is accepted by `hybrid_tokens` as precomputed prior embeddings; the sampler path
-  for it is not wired yet (see `FaceStudio.sampling_inputs`).
+- `text_branch: prior` runs the prompt through the prior's own CLIP text encoder with projection (Karlo's
+  `text_encoder/`, same tokenizer as SD 1.5) and the DALL-E 2 prior (`models/prior.py`, `sample_prior`, guidance
+  `prior_guidance`, `prior_steps` steps, noise from the generation key) inside the jitted sampler; `attach_prior`
+  gives the adapter those modules. `text_branch: direct` uses the pooled CLIP text state of the prompt (the UNet's
+  own text encoder at the EOS token) in place of Prior(CLIP_T(text)), so the method runs without a prior
+  checkpoint; its width must equal the style embedding width.
 - A dropped / absent style image or face is a zero vector (the same zero the dropout trains).
 - Training uses the image branch only (alpha = 1: the reconstruction recipe has no text condition for the identity
   branch); the shared linear layer is what the text branch reuses at inference.
@@ -52,7 +54,7 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 _ADAPTER_PARAM = re.compile(r"(^|\.)(facestudio\.(fuse|token_norm)\.|to_[kv]_ref\.)")
 _LORA_PARAM = re.compile(r"(^|\.)lora\.lora_[ab]$")
-_STYLE_ENCODER = re.compile(r"(^|\.)facestudio\.style_encoder\.")
+_STYLE_ENCODER = re.compile(r"(^|\.)facestudio\.(style_encoder|prior|prior_text_encoder)\.")
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,13 @@ class FaceStudioConfig:
     style_dropout: float = 0.64  # training: probability of dropping the style input (paper: 0.64)
     face_dropout: float = 0.1  # training: probability of dropping the face input (paper: 0.1)
     lora_rank: int = 4  # 'adapter+lora': rank of the LoRA adapters on the UNet attention
+    prior_steps: int = 25  # text_branch 'prior': UnCLIP sampling steps of the prior
+    prior_guidance: float = 4.0  # text_branch 'prior': classifier-free guidance scale of the prior (Karlo: 4)
 
     def __post_init__(self):
-        for key in ("num_tokens", "style_dim", "face_dim", "style_size", "lora_rank"):
+        if self.prior_guidance < 0:
+            raise ValueError(f"facestudio.prior_guidance must be >= 0, got {self.prior_guidance!r}")
+        for key in ("num_tokens", "style_dim", "face_dim", "style_size", "lora_rank", "prior_steps"):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"facestudio.{key} must be a positive integer, got {getattr(self, key)!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -109,6 +115,58 @@ class FaceStudioAdapter(nnx.Module):
         self.token_norm = nnx.LayerNorm(cross_dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
                                         use_fast_variance=False, rngs=rngs)
         self.style_encoder = nnx.data(style_encoder)
+        # text_branch 'prior' (attach_prior): the prior, its CLIP text encoder with projection, its UnCLIP sampler
+        self.prior = nnx.data(None)
+        self.prior_text_encoder = nnx.data(None)
+        self.prior_sampler = None
+
+
+def attach_prior(model, prior, text_encoder, sampler):
+    """Give the adapter the text branch's Prior(CLIP_T(text)): `prior` (a `PriorTransformer`), `text_encoder` (a
+    `CLIPTextModelWithProjection` on the UNet's tokenizer) and `sampler` (an `UnCLIPSampler`); all frozen. Widths
+    are checked: the prior must map the encoder's `text_embeds` to `facestudio.style_dim`-wide image embeddings."""
+    adapter = _adapter(model)
+    if prior.config.output_dim != adapter.style_dim:
+        raise ValueError(f"facestudio prior: it outputs {prior.config.output_dim}-wide CLIP image embeddings, "
+                         f"facestudio.style_dim is {adapter.style_dim}")
+    proj = getattr(text_encoder, "text_projection", None)
+    if proj is None:
+        raise ValueError("facestudio prior: the text encoder must be a CLIPTextModelWithProjection (text_embeds)")
+    if proj.kernel.get_value().shape[1] != prior.config.text_embed_dim:
+        raise ValueError(f"facestudio prior: the text encoder gives {proj.kernel.get_value().shape[1]}-wide "
+                         f"text_embeds, the prior takes {prior.config.text_embed_dim}")
+    adapter.prior, adapter.prior_text_encoder, adapter.prior_sampler = prior, text_encoder, sampler
+    return model
+
+
+def load_prior_branch(model, folder, cfg: "FaceStudioConfig"):
+    """`attach_prior` from a Karlo-style pipeline folder (prior/, prior_scheduler/, text_encoder/ with projection);
+    a prior of another embedding width than `facestudio.style_dim` is an error naming the folder."""
+    from fusion_jax import encoders, weights
+
+    prior = encoders.load_prior(folder, expected_embedding_dim=cfg.style_dim)
+    sampler = encoders.load_prior_sampler(folder, cfg.prior_steps)
+    return attach_prior(model, prior, weights.load_text_encoder(folder), sampler)
+
+
+def prior_text_embedding(model, input_ids, empty_ids, key, cfg: "FaceStudioConfig") -> jax.Array:
+    """Prior(CLIP_T(text)) (B, style_dim): the prompt's CLIP text embedding through the DALL-E 2 prior (negative:
+    the empty prompt). Token mask: every position up to each prompt's first EOS (CLIP's highest id)."""
+    from fusion_jax.models.prior import sample_prior
+
+    adapter = _adapter(model)
+    if adapter.prior is None:
+        raise ValueError("facestudio.text_branch='prior' needs the prior: facestudio.load_prior_branch(model, FOLDER,"
+                         " cfg) or attach_prior (or use facestudio.text_branch=direct)")
+
+    def encode(ids):
+        out = adapter.prior_text_encoder(ids)
+        mask = jnp.arange(ids.shape[1])[None] <= jnp.argmax(ids, axis=-1)[:, None]
+        return out.text_embeds, out.last_hidden_state, mask
+
+    negative = encode(empty_ids[:1]) if cfg.prior_guidance > 1.0 else None
+    return sample_prior(adapter.prior, adapter.prior_sampler, *encode(input_ids), negative=negative,
+                        guidance_scale=cfg.prior_guidance, key=key).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,10 +409,10 @@ class FaceStudio(IdentityMethod):
         from fusion_jax.identity import ip_adapter_faceid
         from fusion_jax.identity.fusion import latent_levels, region_masks_from_boxes, strength_array
 
+        if cfg.text_branch == "prior" and _adapter(model).prior is None:
+            raise ValueError("facestudio.text_branch='prior' needs the prior: facestudio.load_prior_branch(model, "
+                             "FOLDER, cfg) or attach_prior (or use facestudio.text_branch=direct)")
         _adapter(model)
-        if cfg.text_branch == "prior":
-            raise ValueError("facestudio.text_branch='prior' is not wired into the sampler yet (it needs the prior "
-                             "and a CLIP text encoder with projection); use facestudio.text_branch=direct")
         if cfg.face_embeddings is None:
             raise ValueError("facestudio needs ArcFace embeddings of the references: --face-embeddings FILE.npy "
                              "(facestudio.face_embeddings)")
@@ -387,7 +445,11 @@ class FaceStudio(IdentityMethod):
     def encode_references(self, model, cfg: FaceStudioConfig, parts, key):
         inputs = parts.inputs
         style = style_embedding(model, inputs.get("style_pixels"), parts.batch)
-        text = pooled_text(parts.text_cond, inputs["input_ids"])
+        if cfg.text_branch == "prior":
+            text = prior_text_embedding(model, inputs["input_ids"], inputs["empty_ids"], jax.random.fold_in(key, 7),
+                                        cfg)
+        else:
+            text = pooled_text(parts.text_cond, inputs["input_ids"])
         return identity_context(model, style, text, inputs["face_embeds"], cfg.alpha, betas=cfg.betas,
                                 strength=inputs["strength"], region_masks=inputs.get("region_masks"))
 
@@ -442,6 +504,7 @@ class FaceStudio(IdentityMethod):
         return (dataclasses.replace(cfg, **changes) if changes else cfg), sampling_cfg
 
 
-__all__ = ["FaceStudio", "FaceStudioConfig", "FaceStudioAdapter", "attach_adapter", "blend_faces", "hybrid_embedding",
+__all__ = ["FaceStudio", "FaceStudioConfig", "FaceStudioAdapter", "attach_adapter", "attach_prior",
+           "load_prior_branch", "prior_text_embedding", "blend_faces", "hybrid_embedding",
            "hybrid_tokens", "identity_context", "pooled_text", "style_embedding", "load_style_image",
            "reconstruction_loss", "trainable_filter", "parse_betas"]

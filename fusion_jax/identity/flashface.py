@@ -25,6 +25,13 @@ The released model (github ali-vilab/FlashFace, `flashface/all_finetune`) in our
   them, `ref_middle` is unused) or a safetensors file with the same keys, or a folder from
   `python -m fusion_jax.convert flashface`.
 
+Sampling through the interface (`FlashFace`): `sampling_inputs` cycles the references to `num_references` (4) and
+builds the mask from the caller's pixel box or `flashface.face_box` (`--face-box`, normalised); `encode_references`
+caches nothing for the released `current` mode (the reference pass depends on t) and the t=0 features for
+`cached`; `guided_prediction` reads the sampling config's guidance_scale, reference_guidance_scale,
+reference_guidance_max_timestep (the gate) and guidance_rescale (`preset('code' | 'paper')` sets them).
+Reference photos for FlashFace must show exactly one face each (`reference_crops`).
+
 Deliberate differences from the released script (documented, tested): references are padded to 4 by cycling
 through the given ones (the demo picks random duplicates); with several samples the mask and timesteps are paired
 with their own sample in every guidance branch (the released `repeat_interleave` only agrees when all samples share
@@ -244,9 +251,13 @@ class FlashFaceModel(nnx.Module):
         ctx = IdentityContext.self_attention_only(tokens, jnp.broadcast_to(lam, (b,)))
         return self.unet(sample, timesteps, encoder_hidden_states, identity=ctx)
 
-    def __call__(self, sample, timesteps, encoder_hidden_states, references, reference_context, feature_strength):
+    def __call__(self, sample, timesteps, encoder_hidden_states, references=None, reference_context=None,
+                 feature_strength=None, **unused):
         """Noise prediction (B, H, W, 4) for `sample` (B, H, W, 5) (latents + mask channel); the reference pass on
         `references` (R, h, w, 4) with `reference_context` (R, T, D) uses `timesteps[0]`."""
+        if references is None or reference_context is None or feature_strength is None:
+            raise ValueError("flashface: FlashFaceModel needs references, reference_context and feature_strength "
+                             "(it is not a plain UNet: generate without references with the base pipeline)")
         sample = jnp.asarray(sample)
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (sample.shape[0],))
         features = self.reference_features(references, t[0], reference_context)

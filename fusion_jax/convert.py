@@ -40,16 +40,19 @@ def convert_flashface(src, out, *, unet_config=None, allow_pickle: bool = False,
     return out
 
 
-def convert_ip_adapter_faceid(src, out, *, allow_pickle: bool = False, unet=None) -> Path:
+def convert_ip_adapter_faceid(src, out, *, allow_pickle: bool = False, unet=None, lora=None) -> Path:
     """A published IP-Adapter-FaceID file -> OUT: a `.safetensors` with the same `image_proj.*` / `ip_adapter.*`
     keys (what diffusers' `load_ip_adapter` and `ip_adapter_faceid.load` read), or, with `unet` (a diffusers SD 1.5
-    UNet / pipeline folder), an export folder (OUT/unet with the FaceID LoRA merged, OUT/identity/)."""
+    UNet / pipeline folder), an export folder (OUT/unet with the FaceID LoRA merged, OUT/identity/); `lora` (a
+    separate `*_lora.safetensors`, kohya layout) is merged into OUT/unet too (needs `unet`)."""
     from fusion_jax.identity import base, export, ip_adapter_faceid as ipa
 
     tensors = ipa.read_published(src, allow_pickle=allow_pickle)
     proj, _ = ipa.split_sections(tensors, str(src))
     out = Path(out)
     if unet is None:
+        if lora is not None:
+            raise ValueError("--lora is merged into the UNet: give --unet as well (OUT is then an export folder)")
         if out.suffix != ".safetensors":
             raise ValueError(f"OUT {out}: give a .safetensors file, or --unet to write an export folder")
         from safetensors.numpy import save_file
@@ -62,6 +65,8 @@ def convert_ip_adapter_faceid(src, out, *, allow_pickle: bool = False, unet=None
     from fusion_jax import weights
 
     model, cfg = ipa.load_adapter_tensors(weights.load_unet(unet), tensors, str(src))
+    if lora is not None:
+        ipa.merge_lora_file(model, lora)
     export.export_identity(model, base.get("ip_adapter_faceid"), cfg, out, extra={"source": str(src)})
     return out
 
@@ -82,10 +87,12 @@ def main(argv=None) -> int:
     ip.add_argument("out", help="OUT.safetensors (same keys), or an export folder with --unet")
     ip.add_argument("--allow-pickle", action="store_true", help="trust SRC and unpickle it (torch weights_only)")
     ip.add_argument("--unet", default=None, help="diffusers SD 1.5 UNet or pipeline folder: write an export folder")
+    ip.add_argument("--lora", default=None, help="a separate FaceID LoRA (*_lora.safetensors) merged into OUT/unet")
     args = parser.parse_args(argv)
     try:
         if args.what == "ip_adapter_faceid":
-            out = convert_ip_adapter_faceid(args.src, args.out, allow_pickle=args.allow_pickle, unet=args.unet)
+            out = convert_ip_adapter_faceid(args.src, args.out, allow_pickle=args.allow_pickle, unet=args.unet,
+                                            lora=args.lora)
         else:
             out = convert_flashface(args.src, args.out, unet_config=args.unet_config,
                                     allow_pickle=args.allow_pickle, base=args.base)

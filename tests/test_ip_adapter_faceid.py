@@ -78,22 +78,34 @@ def nested(sd):
     return out
 
 
-def diffusers_with_adapter(reference, sd, scale):
-    """diffusers' own loading path; the LoRA keys are merged as diffusers' load_ip_adapter -> load_lora_weights
-    (PEFT, scale 1) applies them: W += up @ down on the modules `_load_ip_adapter_loras` names."""
-    state = nested(sd)
-    reference._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
-    loras = reference._load_ip_adapter_loras([state])
+def merge_diffusers_lora(reference, loras, alphas=None):
+    """W += alpha / rank * up @ down on the modules diffusers' LoRA converters name
+    (`unet.<path>.processor.to_q_lora.down.weight`), as load_lora_weights (PEFT) applies them."""
     with torch.no_grad():
-        for key, down in loras.get(0, {}).items():
+        for key, down in loras.items():
             if ".down.weight" not in key:
                 continue
-            up = loras[0][key.replace(".down.", ".up.")]
+            up = loras[key.replace(".down.", ".up.")]
             path, proj = key[len("unet."):].split(".processor.")
             proj = proj.split("_lora")[0]
             attn = reference.get_submodule(path)
             lin = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
-            lin.weight += up @ down
+            alpha = (alphas or {}).get(key + ".alpha", down.shape[0])
+            lin.weight += (alpha / down.shape[0]) * up @ down
+
+
+def diffusers_with_adapter(reference, sd, scale, lora_file=None):
+    """diffusers' own loading path; the LoRA keys are merged as diffusers' load_ip_adapter -> load_lora_weights
+    (PEFT, scale 1) applies them, on the modules `_load_ip_adapter_loras` names; a separate kohya LoRA file through
+    diffusers' `_convert_non_diffusers_lora_to_diffusers` (names and alphas)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    state = nested(sd)
+    reference._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    merge_diffusers_lora(reference, reference._load_ip_adapter_loras([state]).get(0, {}))
+    if lora_file is not None:
+        merge_diffusers_lora(reference, *_convert_non_diffusers_lora_to_diffusers(load_file(str(lora_file))))
     for proc in reference.attn_processors.values():
         if hasattr(proc, "scale"):
             proc.scale = [scale]
@@ -137,8 +149,26 @@ def base_out(model, sample, t, ehs):
     return np.asarray(_base_forward(graphdef, state, sample, jnp.float32(t), ehs))
 
 
-@pytest.mark.parametrize("lora_rank, scale", [(0, 0.7), (4, 1.0)], ids=["faceid", "faceid+lora"])
-def test_matches_diffusers_ip_adapter(tmp_path, lora_rank, scale):
+def kohya_lora_file(reference, path, rank=3, seed=20):
+    """A random LoRA in the kohya layout of the published *_lora.safetensors: every attention projection."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for name in reference.attn_processors:
+        attn = reference.get_submodule(name[: -len(".processor")])
+        for proj, lin in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out_0", attn.to_out[0])):
+            stem = "lora_unet_" + f"{name[: -len('.processor')]}.{proj}".replace(".", "_")
+            sd[stem + ".lora_down.weight"] = (0.05 * rng.standard_normal((rank, lin.weight.shape[1]))).astype(np.float32)
+            sd[stem + ".lora_up.weight"] = (0.05 * rng.standard_normal((lin.weight.shape[0], rank))).astype(np.float32)
+            sd[stem + ".alpha"] = np.asarray(2.0, np.float32)
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("lora_rank, lora_file, scale", [(0, False, 0.7), (4, False, 1.0), (0, True, 1.0)],
+                         ids=["faceid", "faceid+lora", "faceid+lora_file"])
+def test_matches_diffusers_ip_adapter(tmp_path, lora_rank, lora_file, scale):
     reference = torch_unet()
     model = our_unet(reference)
     sd = published_state_dict(reference, lora_rank=lora_rank)
@@ -146,13 +176,17 @@ def test_matches_diffusers_ip_adapter(tmp_path, lora_rank, scale):
     from safetensors.numpy import save_file
 
     save_file(sd, str(file))
-    model = ipa.load(model, file)
+    lora = kohya_lora_file(reference, tmp_path / "ip-adapter-faceid_sd15_lora.safetensors") if lora_file else None
+    model = ipa.load(model, file, lora=lora)
     sample, ehs, face = inputs()
     ours = jax_out(model, sample, 321, ehs, face, scale)
-    expected = torch_out(diffusers_with_adapter(reference, sd, scale), sample, 321, ehs, face)
+    expected = torch_out(diffusers_with_adapter(reference, sd, scale, lora), sample, 321, ehs, face)
     err = rel_l2(ours, expected)
     print(f"rel_l2 {err:.2e}")
     assert err < TOL
+    if lora is not None:  # the LoRA file matters at this tolerance
+        plain = jax_out(ipa.load(our_unet(torch_unet()), file), sample, 321, ehs, face, scale)
+        assert rel_l2(plain, expected) > 1e-3
     # the adapter matters: the base UNet is far from it
     assert rel_l2(base_out(model, sample, 321, ehs), expected) > 1e-2
     # export round trip: the published layout comes back unchanged (without the merged LoRA keys)
@@ -193,6 +227,11 @@ def test_bad_files_name_the_file(tmp_path):
     save_file({k: v for k, v in sd.items() if k != "ip_adapter.1.to_v_ip.weight"}, str(short))
     with pytest.raises(ValueError, match=r"short\.safetensors: .*missing \['ip_adapter\.1\.to_v_ip\.weight'\]"):
         ipa.load(unet, short)
+    te_lora = tmp_path / "te_lora.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((2, 4), np.float32)},
+              str(te_lora))
+    with pytest.raises(ValueError, match=r"te_lora\.safetensors: LoRA keys that are not UNet"):
+        ipa.merge_lora_file(unet, te_lora)
 
 
 def test_convert_cli(tmp_path, capsys):
@@ -211,6 +250,21 @@ def test_convert_cli(tmp_path, capsys):
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v)
+    # with --unet (and a separate LoRA file): an export folder that the generic export loader reads back
+    from fusion_jax.identity import export
+
+    reference.save_pretrained(tmp_path / "unet")
+    lora = kohya_lora_file(reference, tmp_path / "faceid_lora.safetensors")
+    folder = tmp_path / "export"
+    assert convert.main(["ip_adapter_faceid", str(out), str(folder), "--unet", str(tmp_path / "unet"),
+                         "--lora", str(lora)]) == 0
+    model, method, cfg = export.load_identity_model(folder)
+    assert method.name == "ip_adapter_faceid" and cfg.variant == "faceid"
+    direct = ipa.load(our_unet(reference), out, lora=lora)
+    ours, theirs = weights.state_dict(model), weights.state_dict(direct)
+    assert set(ours) == set(theirs)
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 def test_method_interface(tmp_path):

@@ -426,6 +426,52 @@ def merge_lora(unet, adapter: dict[str, np.ndarray], source: str, scale: float =
     return len(found)
 
 
+def merge_lora_file(unet, path, *, scale: float = 1.0) -> int:
+    """Merge a separate LoRA file in the kohya / A1111 layout (`lora_unet_<module path with _>.lora_down.weight`,
+    `.lora_up.weight`, optional `.alpha`; e.g. the published `ip-adapter-faceid*_sd15_lora.safetensors`, which
+    IP-Adapter's README loads with diffusers' `load_lora_weights`) into the UNet's attention projections in place:
+    W += scale * alpha / rank * up @ down (diffusers / PEFT's scaling). Only transformer-block attention projections
+    (attn1 / attn2 to_q, to_k, to_v, to_out.0) are mapped; any other key is an error naming the file. Returns the
+    number of merged projections."""
+    from fusion_jax.weights import read_tensors
+
+    path = Path(path)
+    tensors = read_tensors(path)
+    targets = {}
+    for name, block in unet.transformer_blocks().items():
+        for attn_name in ("attn1", "attn2"):
+            attn = getattr(block, attn_name)
+            for proj, linear in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v),
+                                 ("to_out_0", attn.to_out[0])):
+                targets["lora_unet_" + f"{name}.{attn_name}.{proj}".replace(".", "_")] = linear
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    bad = []
+    for key, value in tensors.items():
+        stem, _, leaf = key.partition(".")
+        if stem not in targets or leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            bad.append(key)
+            continue
+        groups.setdefault(stem, {})[leaf] = value
+    if bad:
+        raise ValueError(f"{path}: LoRA keys that are not UNet transformer-attention projections of this UNet "
+                         f"(kohya layout lora_unet_..._attn1_to_q.lora_down.weight expected): {sorted(bad)[:6]}")
+    for stem, group in sorted(groups.items()):
+        if "lora_down.weight" not in group or "lora_up.weight" not in group:
+            raise ValueError(f"{path}: {stem} has {sorted(group)}, needs lora_down.weight and lora_up.weight")
+        down = np.asarray(group["lora_down.weight"], np.float32)
+        up = np.asarray(group["lora_up.weight"], np.float32)
+        rank = down.shape[0]
+        alpha = float(np.asarray(group.get("alpha", rank)))
+        linear = targets[stem]
+        kernel = linear.kernel.get_value()
+        delta = (up @ down).T * (scale * alpha / rank)
+        if delta.shape != tuple(kernel.shape):
+            raise ValueError(f"{path}: {stem} gives a {delta.shape[::-1]} update, the layer is "
+                             f"{tuple(kernel.shape)[::-1]} (torch (out, in))")
+        linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    return len(groups)
+
+
 def load_adapter_tensors(unet, tensors: dict[str, np.ndarray], source: str,
                          cfg: IPAdapterFaceIDConfig | None = None) -> tuple[object, IPAdapterFaceIDConfig]:
     """Attach an adapter to `unet` and fill it from flat published keys (every key mapped or reported, naming
@@ -463,12 +509,16 @@ def load_adapter_tensors(unet, tensors: dict[str, np.ndarray], source: str,
     return unet, cfg
 
 
-def load(unet, path, *, allow_pickle: bool = False, cfg: IPAdapterFaceIDConfig | None = None, image_encoder=None):
+def load(unet, path, *, allow_pickle: bool = False, cfg: IPAdapterFaceIDConfig | None = None, image_encoder=None,
+         lora=None, lora_scale: float = 1.0):
     """A published IP-Adapter-FaceID file (`.bin` with allow_pickle, or `.safetensors`) onto our UNet (in place):
     returns the UNet with the adapter attached (and the FaceID LoRA merged when the file has it). Plus variants:
     `image_encoder` (our CLIP vision tower, or a folder for `encoders.load_clip_vision`, e.g. the IP-Adapter repo's
-    `models/image_encoder`, CLIP ViT-H/14) lets the sampler compute `clip_embeds` from the reference crops."""
+    `models/image_encoder`, CLIP ViT-H/14) lets the sampler compute `clip_embeds` from the reference crops.
+    `lora`: a separate FaceID LoRA file (`*_lora.safetensors`, kohya layout) merged with `lora_scale`."""
     model, _ = load_adapter_tensors(unet, read_published(path, allow_pickle=allow_pickle), str(path), cfg)
+    if lora is not None:
+        merge_lora_file(model, lora, scale=lora_scale)
     if image_encoder is not None:
         attach_image_encoder(model, image_encoder)
     return model
@@ -798,5 +848,5 @@ class IPAdapterFaceID(IdentityMethod):
 
 __all__ = ["IPAdapterFaceID", "IPAdapterFaceIDConfig", "MLPProjModel", "ProjPlusModel", "FacePerceiverResampler",
            "attach_adapter", "attach_image_encoder", "clip_face_embeds", "is_plus", "load", "save",
-           "read_published", "load_adapter_tensors", "adapter_tensors", "merge_lora", "processor_order",
+           "read_published", "load_adapter_tensors", "adapter_tensors", "merge_lora", "merge_lora_file", "processor_order",
            "identity_context", "face_tokens", "load_face_embeddings", "faceid_loss", "trainable_filter"]

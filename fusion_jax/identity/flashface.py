@@ -913,6 +913,7 @@ class FlashFace(IdentityMethod):
     config_class = FlashFaceConfig
     trainable_presets = TRAINABLE
     batch_keys = ("face_mask",)
+    display_name = "FlashFace"
     description = "FlashFace: ReferenceNet features + reference self-attention, face mask channel (arXiv 2403.17008)"
 
     @classmethod

@@ -304,3 +304,24 @@ def test_prior_text_branch(tmp_path):
                num_embeddings=6).save_pretrained(tmp_path / "karlo" / "prior")
     with pytest.raises(ValueError, match=r"prior .*karlo.* width"):
         fs.load_prior_branch(model, tmp_path / "karlo", cfg)
+
+
+def test_outside_random_assigns_one_person():
+    """`outside: random`: positions in no region join exactly one person per image, the same at every level;
+    positions inside a region keep their person."""
+    rng = np.random.default_rng(7)
+    masks = {"4x4": jnp.asarray(rng.random((3, 2, 16)) < 0.3), "2x2": jnp.asarray(rng.random((3, 2, 4)) < 0.3)}
+    filled = fs.fill_outside(masks, jax.random.key(1))
+    picks = set()
+    for level, m in masks.items():
+        m, f = np.asarray(m), np.asarray(filled[level])
+        assert (f | ~m).all()  # nothing removed
+        outside = ~m.any(axis=1)  # (B, P)
+        added = f & ~m
+        assert (added.any(axis=1) == outside).all() and (added.sum(axis=1) <= 1).all()
+        for row in range(3):
+            if outside[row].any():
+                picks.add((row, int(np.argmax(added[row].any(axis=1)))))
+    assert len({row for row, _ in picks}) == len(picks)  # one person per image across levels
+    with pytest.raises(ValueError, match="facestudio.outside"):
+        fs.FaceStudioConfig(outside="nobody")

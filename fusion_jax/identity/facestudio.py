@@ -23,7 +23,8 @@ Our choices (the paper has no public code):
 - A dropped / absent style image or face is a zero vector (the same zero the dropout trains).
 - Training uses the image branch only (alpha = 1: the reconstruction recipe has no text condition for the identity
   branch); the shared linear layer is what the text branch reuses at inference.
-- Outside every person's region queries see text only (the paper's random-identity option is not implemented).
+- Outside every person's region queries see text only (`outside: text`), or the tokens of one person drawn at
+  random per image from the generation key (`outside: random`, the paper's option).
 
 ArcFace embeddings and the style image's CLIP embedding come from outside the jitted sampler: face embeddings from a
 .npy (`facestudio.face_embeddings`, `--face-embeddings`... see `FaceStudio.add_arguments`), the style image from a
@@ -50,6 +51,7 @@ from fusion_jax.schedulers import add_noise, training_target
 TEXT_BRANCHES = ("prior", "direct")
 COMBINES = ("joint", "decoupled")
 TRAINABLE = ("adapter", "adapter+lora", "adapter+unet")
+OUTSIDE = ("text", "random")
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 _ADAPTER_PARAM = re.compile(r"(^|\.)(facestudio\.(fuse|token_norm)\.|to_[kv]_ref\.)")
@@ -75,10 +77,14 @@ class FaceStudioConfig:
     style_dropout: float = 0.64  # training: probability of dropping the style input (paper: 0.64)
     face_dropout: float = 0.1  # training: probability of dropping the face input (paper: 0.1)
     lora_rank: int = 4  # 'adapter+lora': rank of the LoRA adapters on the UNet attention
+    outside: Literal["text", "random"] = "text"  # several people: queries outside every region see text only, or
+    #   one person drawn at random per image
     prior_steps: int = 25  # text_branch 'prior': UnCLIP sampling steps of the prior
     prior_guidance: float = 4.0  # text_branch 'prior': classifier-free guidance scale of the prior (Karlo: 4)
 
     def __post_init__(self):
+        if self.outside not in OUTSIDE:
+            raise ValueError(f"facestudio.outside must be one of {OUTSIDE}, got {self.outside!r}")
         if self.prior_guidance < 0:
             raise ValueError(f"facestudio.prior_guidance must be >= 0, got {self.prior_guidance!r}")
         for key in ("num_tokens", "style_dim", "face_dim", "style_size", "lora_rank", "prior_steps"):
@@ -234,6 +240,15 @@ def identity_context(model, style_embeds, text_embeds, face_embeds, alpha, *, be
     return IdentityContext(reference_tokens={n: tokens for n in layers}, token_identity={n: ids for n in layers},
                            strength=strength_array(strength, tokens.shape[0], face_embeds.shape[1]),
                            region_masks=region_masks)
+
+
+def fill_outside(region_masks: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+    """`outside: random`: query positions inside no person's region join one person drawn per image (the same
+    person at every latent level). region_masks {level: (B, K, P) bool} -> the same with those positions added."""
+    first = next(iter(region_masks.values()))
+    b, k = first.shape[:2]
+    pick = jax.nn.one_hot(jax.random.randint(key, (b,), 0, k), k, dtype=bool)  # (B, K)
+    return {level: m | (~jnp.any(m, axis=1, keepdims=True) & pick[:, :, None]) for level, m in region_masks.items()}
 
 
 def pooled_text(text_hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -450,8 +465,11 @@ class FaceStudio(IdentityMethod):
                                         cfg)
         else:
             text = pooled_text(parts.text_cond, inputs["input_ids"])
+        masks = inputs.get("region_masks")
+        if masks is not None and cfg.outside == "random":
+            masks = fill_outside(masks, jax.random.fold_in(key, 11))
         return identity_context(model, style, text, inputs["face_embeds"], cfg.alpha, betas=cfg.betas,
-                                strength=inputs["strength"], region_masks=inputs.get("region_masks"))
+                                strength=inputs["strength"], region_masks=masks)
 
     def guided_prediction(self, model, cfg, sampling_cfg, cache, parts, x_in, t, step, key):
         from fusion_jax.sampling import identity_guided_prediction
@@ -505,6 +523,6 @@ class FaceStudio(IdentityMethod):
 
 
 __all__ = ["FaceStudio", "FaceStudioConfig", "FaceStudioAdapter", "attach_adapter", "attach_prior",
-           "load_prior_branch", "prior_text_embedding", "blend_faces", "hybrid_embedding",
+           "load_prior_branch", "prior_text_embedding", "fill_outside", "blend_faces", "hybrid_embedding",
            "hybrid_tokens", "identity_context", "pooled_text", "style_embedding", "load_style_image",
            "reconstruction_loss", "trainable_filter", "parse_betas"]

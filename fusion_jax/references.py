@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -135,6 +135,9 @@ class ReferenceSet:
     crops: np.ndarray  # (K, N, S, S, 3) float32 in [-1, 1]; padding slots repeat the identity's last crop
     valid: np.ndarray  # (K, N) bool, False for padding
     records: list[dict] = field(default_factory=list)  # per photo: identity, index, path, face box, detector
+    # (K, N, D) float32 ArcFace embeddings of the crops' faces (padding slots repeat the identity's last one);
+    # None when the detector gives no embeddings (the OpenCV fallback, or no recognition model)
+    embeddings: Optional[np.ndarray] = None
 
     @property
     def num_ids(self) -> int:
@@ -162,9 +165,10 @@ def reference_set(groups: Sequence[Sequence[Path]], analyzer, size: int, margin:
     if size <= 0:
         raise ReferenceError(f"reference crop size must be positive, got {size}")
     per_id: list[list[np.ndarray]] = []
+    per_id_embeddings: list[list[Optional[np.ndarray]]] = []
     records = []
     for k, paths in enumerate(groups):
-        crops = []
+        crops, embeddings = [], []
         for n, path in enumerate(paths):
             try:
                 image = read_image(path)
@@ -175,9 +179,11 @@ def reference_set(groups: Sequence[Sequence[Path]], analyzer, size: int, margin:
             except NoFaceError as e:
                 raise ReferenceError(f"{flag} {path}: no face found in the photo ({e})") from e
             crops.append(crop)
+            embeddings.append(None if face.embedding is None else np.asarray(face.embedding, np.float32))
             records.append({"identity": k, "index": n, "path": str(path),
                             "face_box": [round(float(v), 1) for v in face.box], "detector": analyzer.backend})
         per_id.append(crops)
+        per_id_embeddings.append(embeddings)
     n_max = max(len(c) for c in per_id)
     out = np.zeros((len(per_id), n_max, size, size, 3), np.float32)
     valid = np.zeros((len(per_id), n_max), bool)
@@ -185,7 +191,11 @@ def reference_set(groups: Sequence[Sequence[Path]], analyzer, size: int, margin:
         for n in range(n_max):
             out[k, n] = crops[min(n, len(crops) - 1)].astype(np.float32) / 127.5 - 1.0
             valid[k, n] = n < len(crops)
-    return ReferenceSet(out, valid, records)
+    found = [e for es in per_id_embeddings for e in es]
+    embeddings = None
+    if found and all(e is not None for e in found):
+        embeddings = np.stack([np.stack([es[min(n, len(es) - 1)] for n in range(n_max)]) for es in per_id_embeddings])
+    return ReferenceSet(out, valid, records, embeddings)
 
 
 __all__ = [

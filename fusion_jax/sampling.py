@@ -223,6 +223,7 @@ def generate(
     boxes=None,
     identity_cfg=None,
     fusion_cfg=None,
+    face_embeddings=None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
 
@@ -240,6 +241,8 @@ def generate(
         the method does with them is its own: Face Fusion's region masks, FlashFace's face-position mask).
       identity_cfg: the method's config (its type selects the method: a FusionConfig -> Face Fusion); default
         Face Fusion's defaults. `fusion_cfg` is the older name of the same argument.
+      face_embeddings: (B, K, N, D) ArcFace embeddings of the references, for the methods that read them
+        (IP-Adapter-FaceID, FaceStudio).
     """
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -266,10 +269,10 @@ def generate(
     if references is not None:
         from fusion_jax.identity.base import ReferenceRequest
 
-        identity_cfg = _identity_inputs(pipeline, cfg, inputs, ReferenceRequest(references, reference_valid, strength,
-                                                                                boxes), identity_cfg, batch)
-    elif boxes is not None or reference_valid is not None:
-        raise ValueError("boxes / reference_valid given without references")
+        request = ReferenceRequest(references, reference_valid, strength, boxes, face_embeddings)
+        identity_cfg = _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch)
+    elif boxes is not None or reference_valid is not None or face_embeddings is not None:
+        raise ValueError("boxes / reference_valid / face_embeddings given without references")
     else:
         identity_cfg = None  # text only: the identity method takes no part (and is not part of the compile key)
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
@@ -302,7 +305,16 @@ def _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch):
     reference_valid = jnp.asarray(reference_valid, bool)
     if reference_valid.shape != (batch, k, n):
         raise ValueError(f"reference_valid must be (B, K, N)={(batch, k, n)}, got {reference_valid.shape}")
-    request = dataclasses.replace(request, references=refs, reference_valid=reference_valid)
+    embeddings = request.face_embeddings
+    if embeddings is not None:
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.ndim == 3:
+            embeddings = embeddings[:, None]
+        if embeddings.ndim != 4 or embeddings.shape[:3] != (batch, k, n):
+            raise ValueError(f"face_embeddings must be (B, K, N, D)=({batch}, {k}, {n}, D) like the references, got "
+                             f"shape {np.shape(request.face_embeddings)}")
+    request = dataclasses.replace(request, references=refs, reference_valid=reference_valid,
+                                  face_embeddings=embeddings)
     inputs.update(references=refs, reference_valid=reference_valid,
                   empty_ids=jnp.asarray(pipeline.tokenizer([""] * batch), jnp.int32))
     inputs.update(method.sampling_inputs(pipeline.unet, identity_cfg, request, batch=batch,

@@ -201,7 +201,8 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
     for (k, n, crop), record in zip(ref_set.uint8_crops(), ref_set.records):  # both in (identity, index) order
         cli_utils.save_png(crops_dir / f"id{k}_{n}.png", crop, record)
     identity = {"references": ref_set.crops, "reference_valid": ref_set.valid, "strength": strength,
-                "boxes": box_array, "identity_cfg": method_cfg, "sampling_cfg": cfg}
+                "boxes": box_array, "identity_cfg": method_cfg, "sampling_cfg": cfg,
+                "face_embeddings": ref_set.embeddings}
     meta = {"references": ref_set.records, "identity_boxes": None if box_array is None else box_array.tolist(),
             "reference_strength": strength.tolist(), "reference_size": size,
             "identity_weights": str(args.identity_weights) if trained else "untrained (fresh modules)",
@@ -220,7 +221,8 @@ def _batch_identity(identity, batch: int) -> dict:
     return {"references": rows(identity["references"]), "reference_valid": rows(identity["reference_valid"]),
             "strength": rows(identity["strength"]),
             "boxes": None if identity["boxes"] is None else rows(identity["boxes"]),
-            "identity_cfg": identity["identity_cfg"]}
+            "identity_cfg": identity["identity_cfg"],
+            "face_embeddings": None if identity["face_embeddings"] is None else rows(identity["face_embeddings"])}
 
 
 def main(argv=None) -> int:

@@ -197,3 +197,32 @@ def test_reads_first_face_fusion_export_format(pipeline, tmp_path):
     (folder / "identity_config.json").write_text(json.dumps({"format": "something/9"}))
     with pytest.raises(ValueError, match=r"identity_config\.json: format 'something/9'"):
         export.read_identity_config(tmp_path / "old")
+
+
+def test_face_embeddings_reach_the_method_checked(pipeline, monkeypatch):
+    """`generate(face_embeddings=...)` is validated against the references and handed to the method's request."""
+    import dataclasses
+
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    cfg = sampling.SamplingConfig(height=size, width=size, num_steps=1, output="float")
+    unet = _fresh_unet(pipeline)
+    fusion.attach_identity_projections(unet, fusion.FusionConfig(), rngs=nnx.Rngs(0))
+    pipe = dataclasses.replace(pipeline, unet=unet)
+    ids = sampling.tokenize(pipe, ["a person"])
+    refs = np.zeros((1, 1, 2, size, size, 3), np.float32)
+    seen = {}
+    method = base.get("face_fusion")
+    original = type(method).sampling_inputs
+
+    def spy(self, model, c, request, **kw):
+        seen["embeddings"] = request.face_embeddings
+        return original(self, model, c, request, **kw)
+
+    monkeypatch.setattr(type(method), "sampling_inputs", spy)
+    emb = np.random.default_rng(0).standard_normal((1, 2, 512)).astype(np.float32)  # (B, N, D): one person
+    sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, references=refs, face_embeddings=emb)
+    np.testing.assert_array_equal(seen["embeddings"], emb[:, None])
+    with pytest.raises(ValueError, match=r"face_embeddings must be \(B, K, N, D\)=\(1, 1, 2, D\)"):
+        sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, references=refs, face_embeddings=emb[:, :1])
+    with pytest.raises(ValueError, match="given without references"):
+        sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, face_embeddings=emb)

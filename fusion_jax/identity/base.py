@@ -50,6 +50,9 @@ class ReferenceRequest:
     reference_valid: Any = None  # (B, K, N) bool, False for padding references; None = all valid
     strength: Any = None  # identity strength: scalar / (K,) / (B, K); None = the method config's default
     boxes: Any = None  # (B, K, 4) pixel (x0, y0, x1, y1) of each person's region / face in the generated image
+    # (B, K, N, D) ArcFace embeddings of the reference faces (the CLI fills them when the face detector has a
+    # recognition model); None = not available (methods that need them say so, or read their own config)
+    face_embeddings: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

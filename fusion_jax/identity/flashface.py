@@ -294,8 +294,11 @@ def attach_flashface(unet, cfg: FlashFaceConfig, *, rngs: nnx.Rngs | None = None
         old = unet.conv_in
         new = _conv_like(old, 5, rngs=rngs)
         kernel = old.kernel.get_value()
-        new.kernel.set_value(jnp.concatenate([kernel, jnp.zeros(kernel.shape[:2] + (1,) + kernel.shape[3:],
-                                                                kernel.dtype)], axis=2))
+        if isinstance(kernel, jax.ShapeDtypeStruct):  # a shape-only model (the trainer's abstract pass)
+            new.kernel.set_value(jax.ShapeDtypeStruct(kernel.shape[:2] + (5,) + kernel.shape[3:], kernel.dtype))
+        else:
+            new.kernel.set_value(jnp.concatenate([kernel, jnp.zeros(kernel.shape[:2] + (1,) + kernel.shape[3:],
+                                                                    kernel.dtype)], axis=2))
         if old.bias is not None:
             new.bias.set_value(old.bias.get_value())
         unet.conv_in = new
@@ -311,9 +314,9 @@ def attach_flashface(unet, cfg: FlashFaceConfig, *, rngs: nnx.Rngs | None = None
             block.attn_ref = nnx.clone(block.attn1)
             if cfg.init == "zero":
                 out = block.attn_ref.to_out[0]
-                out.kernel.set_value(jnp.zeros_like(out.kernel.get_value()))
-                if out.bias is not None:
-                    out.bias.set_value(jnp.zeros_like(out.bias.get_value()))
+                for var in (out.kernel, out.bias) if out.bias is not None else (out.kernel,):
+                    if not isinstance(var.get_value(), jax.ShapeDtypeStruct):
+                        var.set_value(jnp.zeros_like(var.get_value()))
     return FlashFaceModel(unet, ReferenceNet(reference_unet))
 
 

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from fusion_jax import weights
-from fusion_jax.identity import base, facestudio as fs, ip_adapter_faceid
+from fusion_jax.identity import base, facestudio as fs
 from fusion_jax.identity.base import ReferenceRequest
 from fusion_jax.identity.context import IdentityContext
 from fusion_jax.models import attention as attention_lib

@@ -159,8 +159,9 @@ def kohya_lora_file(reference, path, rank=3, seed=20):
         attn = reference.get_submodule(name[: -len(".processor")])
         for proj, lin in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out_0", attn.to_out[0])):
             stem = "lora_unet_" + f"{name[: -len('.processor')]}.{proj}".replace(".", "_")
-            sd[stem + ".lora_down.weight"] = (0.05 * rng.standard_normal((rank, lin.weight.shape[1]))).astype(np.float32)
-            sd[stem + ".lora_up.weight"] = (0.05 * rng.standard_normal((lin.weight.shape[0], rank))).astype(np.float32)
+            out_f, in_f = lin.weight.shape
+            sd[stem + ".lora_down.weight"] = (0.05 * rng.standard_normal((rank, in_f))).astype(np.float32)
+            sd[stem + ".lora_up.weight"] = (0.05 * rng.standard_normal((out_f, rank))).astype(np.float32)
             sd[stem + ".alpha"] = np.asarray(2.0, np.float32)
     save_file(sd, str(path))
     return path
@@ -296,7 +297,8 @@ def test_method_interface(tmp_path):
                     NoiseSchedule(), cfg)
     tensors = method.export_tensors(model, cfg)
     fresh = method.load_tensors(our_unet(torch_unet(seed=9)), cfg, tensors, "export")
-    np.testing.assert_array_equal(jax_out(model, sample, 10, ehs, face, 1.0), jax_out(fresh, sample, 10, ehs, face, 1.0))
+    np.testing.assert_array_equal(jax_out(model, sample, 10, ehs, face, 1.0),
+                                  jax_out(fresh, sample, 10, ehs, face, 1.0))
     parser = argparse.ArgumentParser()
     method.add_arguments(parser)
     emb_file = tmp_path / "faces.npy"

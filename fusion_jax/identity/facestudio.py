@@ -26,9 +26,9 @@ Our choices (the paper has no public code):
 - Outside every person's region queries see text only (`outside: text`), or the tokens of one person drawn at
   random per image from the generation key (`outside: random`, the paper's option).
 
-ArcFace embeddings and the style image's CLIP embedding come from outside the jitted sampler: face embeddings from a
-.npy (`facestudio.face_embeddings`, `--face-embeddings`... see `FaceStudio.add_arguments`), the style image from a
-file (`--style-image`), encoded inside the jitted function by the adapter's CLIP vision tower (`style_encoder`).
+At sampling time the ArcFace embeddings come from a .npy file (`facestudio.face_embeddings`, `--face-embeddings`:
+insightface cannot run inside the jitted sampler) and the style image from a file (`facestudio.style_image`,
+`--style-image`), encoded inside the jitted function by the adapter's CLIP vision tower (`style_encoder`).
 """
 
 from __future__ import annotations

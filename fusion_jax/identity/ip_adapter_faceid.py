@@ -214,7 +214,8 @@ def _ln(norm, x):
 
 
 _PROJ_TO_OURS = (("proj.0.", "fc1."), ("proj.2.", "fc2."), ("norm.", "norm."))
-_PLUS_LAYER = re.compile(r"^perceiver_resampler\.layers\.(\d+)\.(0\.(norm1|norm2|to_q|to_kv|to_out)|1\.(0|1|3))\.(weight|bias)$")
+_PLUS_LAYER = re.compile(
+    r"^perceiver_resampler\.layers\.(\d+)\.(0\.(norm1|norm2|to_q|to_kv|to_out)|1\.(0|1|3))\.(weight|bias)$")
 _PLUS_FF = {"0": "ff_norm", "1": "ff_fc1", "3": "ff_fc2"}
 
 
@@ -848,5 +849,6 @@ class IPAdapterFaceID(IdentityMethod):
 
 __all__ = ["IPAdapterFaceID", "IPAdapterFaceIDConfig", "MLPProjModel", "ProjPlusModel", "FacePerceiverResampler",
            "attach_adapter", "attach_image_encoder", "clip_face_embeds", "is_plus", "load", "save",
-           "read_published", "load_adapter_tensors", "adapter_tensors", "merge_lora", "merge_lora_file", "processor_order",
+           "read_published", "load_adapter_tensors", "adapter_tensors", "merge_lora", "merge_lora_file",
+           "processor_order",
            "identity_context", "face_tokens", "load_face_embeddings", "faceid_loss", "trainable_filter"]

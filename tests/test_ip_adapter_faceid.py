@@ -311,6 +311,20 @@ def test_method_interface(tmp_path):
         method.apply_arguments(parser.parse_args(["--face-embeddings", str(tmp_path / "bad.npy")]), cfg, None)
     with pytest.raises(ValueError, match="ip_adapter_faceid.face_dropout"):
         dataclasses.replace(cfg, face_dropout=2.0)
+    # sampling inputs: the request's embeddings (the CLI's detector) first, else the --face-embeddings file
+    from fusion_jax.identity.base import ReferenceRequest
+
+    refs = np.zeros((2, 1, 3, 8, 8, 3), np.float32)
+    kw = dict(batch=2, image_size=(64, 64), latent_size=(8, 8))
+    emb = np.random.default_rng(9).standard_normal((2, 1, 3, EMB)).astype(np.float32)
+    got = method.sampling_inputs(model, cfg, ReferenceRequest(refs, face_embeddings=emb), **kw)
+    np.testing.assert_array_equal(np.asarray(got["face_embeds"]), emb)
+    got = method.sampling_inputs(model, new_cfg, ReferenceRequest(refs), **kw)
+    np.testing.assert_array_equal(np.asarray(got["face_embeds"]), np.broadcast_to(face[None, None, :1], (2, 1, 1, EMB)))
+    with pytest.raises(ValueError, match=r"face_embeddings must be \(B=2, K=1, N, 512\)"):
+        method.sampling_inputs(model, cfg, ReferenceRequest(refs, face_embeddings=emb[..., :8]), **kw)
+    with pytest.raises(ValueError, match="--face-embeddings FILE.npy"):
+        method.sampling_inputs(model, cfg, ReferenceRequest(refs), **kw)
 
 
 @pytest.mark.parametrize("variant", ["faceid", "plusv2"])

@@ -26,8 +26,9 @@ Our choices (the paper has no public code):
 - Outside every person's region queries see text only (`outside: text`), or the tokens of one person drawn at
   random per image from the generation key (`outside: random`, the paper's option).
 
-At sampling time the ArcFace embeddings come from a .npy file (`facestudio.face_embeddings`, `--face-embeddings`:
-insightface cannot run inside the jitted sampler) and the style image from a file (`facestudio.style_image`,
+At sampling time the ArcFace embeddings come with the request (`ReferenceRequest.face_embeddings`, from the CLI's
+face detector) or from a .npy file (`facestudio.face_embeddings`, `--face-embeddings`: insightface cannot run inside
+the jitted sampler) and the style image from a file (`facestudio.style_image`,
 `--style-image`), encoded inside the jitted function by the adapter's CLIP vision tower (`style_encoder`).
 """
 
@@ -428,22 +429,16 @@ class FaceStudio(IdentityMethod):
             raise ValueError("facestudio.text_branch='prior' needs the prior: facestudio.load_prior_branch(model, "
                              "FOLDER, cfg) or attach_prior (or use facestudio.text_branch=direct)")
         _adapter(model)
-        if cfg.face_embeddings is None:
-            raise ValueError("facestudio needs ArcFace embeddings of the references: --face-embeddings FILE.npy "
-                             "(facestudio.face_embeddings)")
         k, n = np.shape(request.references)[1:3]
-        emb = ip_adapter_faceid.load_face_embeddings(cfg.face_embeddings, cfg.face_dim,
-                                                     what="facestudio.face_embeddings")
-        if emb.shape[0] != k:
-            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: embeddings of {emb.shape[0]} people, the "
-                             f"references hold {k}")
-        if emb.shape[1] != n:
-            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: {emb.shape[1]} embeddings per person, the "
+        emb = ip_adapter_faceid.request_face_embeddings(request, cfg.face_embeddings, cfg.face_dim, batch,
+                                                        "facestudio.face_embeddings")
+        if emb.shape[2] != n:
+            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: {emb.shape[2]} embeddings per person, the "
                              f"references hold {n} photos per person")
-        if cfg.betas is not None and len(cfg.betas) != emb.shape[1]:
-            raise ValueError(f"--beta: {len(cfg.betas)} weights for {emb.shape[1]} references per person "
+        if cfg.betas is not None and len(cfg.betas) != emb.shape[2]:
+            raise ValueError(f"--beta: {len(cfg.betas)} weights for {emb.shape[2]} references per person "
                              "(facestudio.betas)")
-        out = {"face_embeds": jnp.broadcast_to(jnp.asarray(emb), (batch,) + emb.shape),
+        out = {"face_embeds": jnp.asarray(emb),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
         if cfg.style_image is not None:
             pixels = load_style_image(cfg.style_image, cfg.style_size, what="facestudio.style_image")

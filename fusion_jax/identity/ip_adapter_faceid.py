@@ -28,8 +28,9 @@ diffusers`, `_load_ip_adapter_loras`, `IPAdapterFaceIDImageProjection` and `IPAd
 the code here is ours.
 
 ArcFace embeddings come from insightface (`fusion_jax.data.faces`), which the jitted sampler cannot run: at
-sampling time they are read from `ip_adapter_faceid.face_embeddings` (a .npy file, `--face-embeddings`), and
-training reads the batch key 'face_embedding'.
+sampling time they come with the request (`ReferenceRequest.face_embeddings`, filled by the CLI's face detector),
+else from `ip_adapter_faceid.face_embeddings` (a .npy file, `--face-embeddings`); training reads the batch key
+'face_embedding'.
 """
 
 from __future__ import annotations
@@ -673,6 +674,27 @@ def load_face_embeddings(path, dim: int, *, what: str = "ip_adapter_faceid.face_
     return arr
 
 
+def request_face_embeddings(request, path, dim: int, batch: int, what: str) -> np.ndarray:
+    """The ArcFace embeddings of a sampling request, (B, K, N, dim): `request.face_embeddings` (the CLI fills them
+    from the face detector's recognition model), else the .npy file `path` (`what` = its config key, also settable
+    with --face-embeddings) broadcast over the batch; errors name the argument."""
+    k = np.shape(request.references)[1]
+    if request.face_embeddings is not None:
+        emb = np.asarray(request.face_embeddings, np.float32)
+        if emb.ndim != 4 or emb.shape[:2] != (batch, k) or emb.shape[-1] != dim:
+            raise ValueError(f"face_embeddings must be (B={batch}, K={k}, N, {dim}) ArcFace embeddings, got shape "
+                             f"{emb.shape}")
+        return emb
+    if path is None:
+        raise ValueError(f"{what.split('.')[0]} needs ArcFace embeddings of the reference faces: a face detector "
+                         f"with a recognition model (generate(face_embeddings=...)), or --face-embeddings FILE.npy "
+                         f"({what})")
+    emb = load_face_embeddings(path, dim, what=what)
+    if emb.shape[0] != k:
+        raise ValueError(f"--face-embeddings {path}: embeddings of {emb.shape[0]} people, the references hold {k}")
+    return np.broadcast_to(emb, (batch,) + emb.shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------------
@@ -756,23 +778,18 @@ class IPAdapterFaceID(IdentityMethod):
             raise ValueError("ip_adapter_faceid: the UNet has no adapter; load one with ip_adapter_faceid.load(unet, "
                              "FILE) or --identity-weights (an export from `python -m fusion_jax.convert "
                              "ip_adapter_faceid`)")
-        if cfg.face_embeddings is None:
-            raise ValueError("ip_adapter_faceid needs ArcFace embeddings of the reference faces: pass "
-                             "--face-embeddings FILE.npy (ip_adapter_faceid.face_embeddings)")
         k = np.shape(request.references)[1]
-        emb = load_face_embeddings(cfg.face_embeddings, cfg.embedding_dim)
-        if emb.shape[0] != k:
-            raise ValueError(f"--face-embeddings {cfg.face_embeddings}: embeddings of {emb.shape[0]} people, the "
-                             f"references hold {k}")
+        emb = request_face_embeddings(request, cfg.face_embeddings, cfg.embedding_dim, batch,
+                                      "ip_adapter_faceid.face_embeddings")
         if is_plus(model):
             n = np.shape(request.references)[2]
-            if emb.shape[1] != n:
-                raise ValueError(f"--face-embeddings {cfg.face_embeddings}: {emb.shape[1]} embeddings per person; "
+            if emb.shape[2] != n:
+                raise ValueError(f"--face-embeddings {cfg.face_embeddings}: {emb.shape[2]} embeddings per person; "
                                  f"FaceID-Plus pairs each with its reference crop and the references hold {n}")
             if getattr(model, "ip_image_encoder", None) is None:
                 raise ValueError("ip_adapter_faceid: a FaceID-Plus adapter needs the CLIP ViT-H image encoder "
                                  "(ip_adapter_faceid.load(..., image_encoder=FOLDER))")
-        out = {"face_embeds": jnp.broadcast_to(jnp.asarray(emb), (batch,) + emb.shape),
+        out = {"face_embeds": jnp.asarray(emb),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
         if request.boxes is not None:
             boxes = np.asarray(request.boxes, np.float64)

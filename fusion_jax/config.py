@@ -228,6 +228,18 @@ def _identity_method_names() -> tuple[str, ...]:
     return base.names()
 
 
+def _sections_to_write(cfg: "ExperimentConfig") -> list[str]:
+    """Registered sections a resolved config writes: the objective's method section, and any other section that
+    differs from its defaults. Sections of methods a run does not use stay out of its saved config.yaml, so that
+    it loads again after unrelated methods change their options."""
+    from fusion_jax.identity import base
+
+    registered = registered_sections()
+    name = cfg.objective.name
+    used = base.get(name).section if name in base.names() else None
+    return [key for key in registered if key == used or getattr(cfg, key) != registered[key]()]
+
+
 def _schema(cls: type) -> dict[str, Any]:
     """Field name -> type of a config dataclass; ExperimentConfig's registered sections included."""
     hints = dict(_resolved_hints(cls))
@@ -414,7 +426,7 @@ def to_dict(cfg: Any) -> dict:
     def plain(v):
         if isinstance(v, ExperimentConfig):
             out = {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "sections"}
-            out.update({name: plain(getattr(v, name)) for name in registered_sections()})
+            out.update({name: plain(getattr(v, name)) for name in _sections_to_write(v)})
             return out
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}

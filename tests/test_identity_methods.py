@@ -226,3 +226,12 @@ def test_face_embeddings_reach_the_method_checked(pipeline, monkeypatch):
         sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, references=refs, face_embeddings=emb[:, :1])
     with pytest.raises(ValueError, match="given without references"):
         sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, face_embeddings=emb)
+
+
+def test_saved_config_keeps_only_sections_in_use(tmp_path):
+    cfg = config_lib.load_config(None, ["objective.name=face_fusion", "single_token.strength=0.5"])
+    saved = config_lib.to_dict(cfg)
+    assert "fusion" in saved and saved["single_token"]["strength"] == 0.5  # the objective's and a changed one
+    assert not {"flashface", "facestudio", "ip_adapter_faceid"} & set(saved)  # unused, at their defaults
+    config_lib.save_config(cfg, str(tmp_path / "c.yaml"))
+    assert config_lib.load_config(str(tmp_path / "c.yaml")) == cfg

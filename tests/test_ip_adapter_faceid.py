@@ -430,3 +430,32 @@ def test_plus_matches_diffusers(tmp_path, shortcut, s_scale):
         np.testing.assert_array_equal(v, sd[k])
     with pytest.raises(ValueError, match="needs clip_embeds"):
         ipa.identity_context(model, face)
+
+
+def test_padding_references_are_never_attended():
+    """reference_valid False: that face's tokens are masked (layer level, decoupled combine): the output equals
+    the one without the padding face at all."""
+    from types import SimpleNamespace
+
+    from fusion_jax.identity.context import IdentityContext
+    from fusion_jax.models import attention as attention_lib
+
+    stub = SimpleNamespace(ip_image_proj=ipa.MLPProjModel(EMB, 32, 4, 2, rngs=nnx.Rngs(0)))
+    attn = attention_lib.Attention(32, heads=2, dim_head=16, cross_attention_dim=32, rngs=nnx.Rngs(1))
+    attn.to_k_ref = nnx.Linear(32, 32, use_bias=False, rngs=nnx.Rngs(2))
+    attn.to_v_ref = nnx.Linear(32, 32, use_bias=False, rngs=nnx.Rngs(3))
+    attn.identity_combine = "decoupled"
+    rng = np.random.default_rng(4)
+    x, ehs = rng.standard_normal((1, 16, 32)).astype(np.float32), rng.standard_normal((1, 5, 32)).astype(np.float32)
+    faces = rng.standard_normal((1, 1, 2, EMB)).astype(np.float32)
+
+    def out(face, valid=None):
+        tokens, ids, _ = ipa.face_tokens(stub, face, reference_valid=valid)
+        ctx = IdentityContext(reference_tokens={"l": tokens}, token_identity={"l": ids}, strength=jnp.full((1, 1), 0.9))
+        return np.asarray(attn(jnp.asarray(x), jnp.asarray(ehs), identity=ctx, layer_name="l"))
+
+    padded = out(faces, np.array([[[True, False]]]))
+    err = rel_l2(padded, out(faces[:, :, :1]))
+    print(f"padding masked rel_l2 {err:.1e}")
+    assert err < 5e-6  # the same softmax with extra exact-zero terms: float32 reduction order only
+    assert rel_l2(out(faces), padded) > 1e-3

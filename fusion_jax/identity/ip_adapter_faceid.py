@@ -603,10 +603,11 @@ def is_plus(model) -> bool:
     return isinstance(getattr(model, "ip_image_proj", None), ProjPlusModel)
 
 
-def face_tokens(model, face_embeds, clip_embeds=None, *, shortcut: bool = False, s_scale=1.0
+def face_tokens(model, face_embeds, clip_embeds=None, *, shortcut: bool = False, s_scale=1.0, reference_valid=None
                 ) -> tuple[jax.Array, jax.Array, int]:
     """Face embeddings (B, E), (B, N, E) or (B, K, N, E) (Plus: and `clip_embeds` with the same leading axes plus
-    (S, clip_dim)) -> tokens (B, K*N*T, D), token identity (B, K*N*T), K."""
+    (S, clip_dim)) -> tokens (B, K*N*T, D), token identity (B, K*N*T; -1 for the tokens of references that
+    `reference_valid` (B, K, N) marks as padding, never attended), K."""
     if getattr(model, "ip_image_proj", None) is None:
         raise ValueError("ip_adapter_faceid: the model has no adapter (ip_adapter_faceid.load / attach_adapter)")
     emb = jnp.asarray(face_embeds)
@@ -640,21 +641,28 @@ def face_tokens(model, face_embeds, clip_embeds=None, *, shortcut: bool = False,
         tokens = proj(flat)  # (M, T, D)
     t = tokens.shape[1]
     tokens = tokens.reshape(b, k * n * t, tokens.shape[-1])
-    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n * t)[None].repeat(b, axis=0)
-    return tokens, ids, k
+    ids = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :, None], (b, k, n))
+    if reference_valid is not None:
+        valid = jnp.asarray(reference_valid, bool)
+        if valid.shape != (b, k, n):
+            raise ValueError(f"reference_valid must be (B, K, N)={(b, k, n)} like face_embeds, got {valid.shape}")
+        ids = jnp.where(valid, ids, -1)
+    return tokens, jnp.repeat(ids.reshape(b, k * n), t, axis=1), k
 
 
 def identity_context(model, face_embeds, scale=1.0, *, clip_embeds=None, shortcut: bool = False, s_scale=1.0,
-                     region_masks=None) -> IdentityContext:
+                     region_masks=None, reference_valid=None) -> IdentityContext:
     """The IdentityContext of IP-Adapter-FaceID: the same face tokens for every adapted layer.
 
     face_embeds: (B, 512) one face per row; (B, N, 512) N images of one person (tokens concatenated, as diffusers
     does for several images); (B, K, N, 512) K people (then `region_masks`, see `fusion.region_masks_from_boxes`,
     say where each goes). scale: IP-Adapter's scale (scalar, (K,) or (B, K)); 0 gives the base UNet exactly.
-    Plus: `clip_embeds` (face_embeds' leading axes + (257, 1280)); PlusV2: `shortcut=True` with `s_scale`."""
+    Plus: `clip_embeds` (face_embeds' leading axes + (257, 1280)); PlusV2: `shortcut=True` with `s_scale`.
+    reference_valid (B, K, N): False for padding references, whose tokens are never attended."""
     from fusion_jax.identity.fusion import strength_array
 
-    tokens, ids, k = face_tokens(model, face_embeds, clip_embeds, shortcut=shortcut, s_scale=s_scale)
+    tokens, ids, k = face_tokens(model, face_embeds, clip_embeds, shortcut=shortcut, s_scale=s_scale,
+                                 reference_valid=reference_valid)
     layers = identity_layers(model)
     return IdentityContext(reference_tokens={name: tokens for name in layers},
                            token_identity={name: ids for name in layers},
@@ -806,6 +814,9 @@ class IPAdapterFaceID(IdentityMethod):
         inputs = parts.inputs
         emb = inputs["face_embeds"]
         kw = dict(region_masks=inputs.get("region_masks"))
+        valid = inputs.get("reference_valid")
+        if valid is not None and valid.shape == emb.shape[:3]:  # one embedding per reference (else: a file's own N)
+            kw["reference_valid"] = valid
         clip = zero_clip = None
         if is_plus(model):
             clip = clip_face_embeds(model, inputs["references"])

@@ -74,9 +74,11 @@ def attach_identity_modules(pipeline, identity_weights: str | Path | None, dtype
     import dataclasses
 
     import jax.numpy as jnp
+    from flax import nnx
 
     from fusion_jax.identity import base as identity_base
     from fusion_jax.identity import export as identity_export
+    from fusion_jax.models.unet import UNet2DConditionModel
 
     try:
         chosen = identity_base.get(method, what="--method") if method is not None else None
@@ -95,7 +97,10 @@ def attach_identity_modules(pipeline, identity_weights: str | Path | None, dtype
     try:
         if (root / "unet" / "config.json").is_file():
             model, exported, cfg = identity_export.load_identity_model(root, chosen, dtype=jnp.dtype(dtype))
-            base, ours = pipeline.unet.config.to_dict(), exported.base_unet(model).config.to_dict()
+            # what the method makes of --model's UNet (e.g. FlashFace widens conv_in) must be the exported UNet
+            expected = nnx.eval_shape(lambda: exported.attach(UNet2DConditionModel(pipeline.unet.config,
+                                                                                   rngs=nnx.Rngs(0)), cfg))
+            base, ours = exported.base_unet(expected).config.to_dict(), exported.base_unet(model).config.to_dict()
             if base != ours:
                 diff = sorted(k for k in set(base) | set(ours) if base.get(k) != ours.get(k))
                 raise SystemExit(f"{flag} {identity_weights}: the exported UNet differs from --model's UNet in "

@@ -173,15 +173,6 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
         box_array = refs.check_boxes(boxes, num_ids, cfg.height, cfg.width)
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
-    size = args.reference_size or max(cfg.height, cfg.width)
-    f = pipeline.vae_scale_factor
-    if size % f:
-        raise SystemExit(f"--reference-size {size}: must be a multiple of the VAE's downsampling factor {f}")
-    analyzer = FaceAnalyzer(FaceAnalyzerConfig(model_dir=args.face_models or DEFAULT_MODEL_DIR))
-    try:
-        ref_set = refs.reference_set(groups, analyzer, size, args.reference_margin)
-    except refs.ReferenceError as e:
-        raise SystemExit(str(e)) from None
     pipeline, method, method_cfg, trained = cli_utils.attach_identity_modules(pipeline, args.identity_weights,
                                                                               args.dtype, method=args.method)
     if not trained:
@@ -191,6 +182,15 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
     try:
         method_cfg, cfg = method.apply_arguments(args, method_cfg, cfg)
     except ValueError as e:
+        raise SystemExit(str(e)) from None
+    size = args.reference_size or method.reference_size(method_cfg) or max(cfg.height, cfg.width)
+    f = pipeline.vae_scale_factor
+    if size % f:
+        raise SystemExit(f"--reference-size {size}: must be a multiple of the VAE's downsampling factor {f}")
+    analyzer = FaceAnalyzer(FaceAnalyzerConfig(model_dir=args.face_models or DEFAULT_MODEL_DIR))
+    try:
+        ref_set = method.reference_photos(groups, analyzer, size, args.reference_margin, method_cfg)
+    except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
     try:
         strength = refs.strengths_per_identity(strengths, num_ids, getattr(method_cfg, "strength", 1.0))

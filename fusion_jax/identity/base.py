@@ -127,6 +127,17 @@ class IdentityMethod:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------ CLI
+    def reference_size(self, cfg) -> Optional[int]:
+        """Pixel side of the reference crops this method expects (None: the caller's choice)."""
+        return None
+
+    def reference_photos(self, groups, analyzer, size: int, margin: float, cfg):
+        """Reference photo paths per person -> `fusion_jax.references.ReferenceSet` of aligned crops (default: the
+        largest face of each photo; errors are `references.ReferenceError`s naming the flag and file)."""
+        from fusion_jax import references
+
+        return references.reference_set(groups, analyzer, size, margin)
+
     def add_arguments(self, parser) -> None:
         """Method-specific flags of `infer/generate.py` (default: none)."""
 

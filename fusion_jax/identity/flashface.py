@@ -1076,6 +1076,20 @@ class FlashFace(IdentityMethod):
         return model
 
     # -- CLI -----------------------------------------------------------------------------------------------------
+    def reference_size(self, cfg: FlashFaceConfig) -> int:
+        return cfg.reference_size
+
+    def reference_photos(self, groups, analyzer, size: int, margin: float, cfg: FlashFaceConfig):
+        """One person; every photo must show exactly one face (as the released demo requires)."""
+        from fusion_jax import references as refs_lib
+
+        if len(groups) != 1:
+            raise refs_lib.ReferenceError(f"--reference: FlashFace takes one person, got {len(groups)} (IDs 0..)")
+        crops = reference_crops(groups[0], analyzer, size, margin)
+        records = [{"identity": 0, "index": n, "path": str(path), "detector": analyzer.backend}
+                   for n, path in enumerate(groups[0])]
+        return refs_lib.ReferenceSet(crops[None], np.ones((1, len(crops)), bool), records)
+
     def add_arguments(self, parser) -> None:
         group = parser.add_argument_group("FlashFace (--method flashface)")
         group.add_argument("--preset", choices=PRESETS, default=None,

@@ -1,4 +1,4 @@
-"""Face Fusion inference cost: XLA FLOPs per generated image, base text-to-image vs references.
+"""Identity-method inference cost: XLA FLOPs per generated image, base text-to-image vs references.
 
     python benchmarks/fusion.py                          # SD1.5 shapes, 512x512, 30 steps (a few minutes on a CPU)
     python benchmarks/fusion.py --size tiny --steps 4    # seconds
@@ -26,6 +26,11 @@ noised to t and re-encoded every step), in both guidance forms:
   disentangled  eps_none + s_text (eps_text - eps_none) + s_ref (eps_text+ref - eps_text) (FlashFace's): it needs
                 a third prediction per step (text only, beside uncond and text+ref), so about 1.5x base by
                 construction, whatever the references cost.
+`--methods flashface,flashface_cached,single_token` adds rows of other registered methods through the same
+interface calls (their `encode_references` once per image, their `guided_prediction` per step): FlashFace as
+released (the ReferenceNet runs on the references at every step's t) vs cached (once at t=0), with the parameter
+MiB of the denoiser (FlashFace: main UNet + ReferenceNet).
+
 `fixed_4ref_flops_ratio` is the `cfg` form with `fixed` references, 4 references, over base
 (`fixed_4ref_disentangled_flops_ratio` the disentangled one). The issue's target: <= 1.15 at 512x512, 30 steps.
 """
@@ -84,11 +89,16 @@ class Case:
     references: int = 0
     reference_timestep: str = "fixed"
     guidance: str = "cfg"
+    # another registered identity method's config (None: Face Fusion with `reference_timestep`); `label` names it
+    method_cfg: object = None
+    label: str = ""
 
     @property
     def name(self) -> str:
         if not self.references:
             return "base"
+        if self.method_cfg is not None:
+            return f"{self.label}_{self.references}ref_{self.guidance}"
         return f"{self.reference_timestep}_{self.references}ref_{self.guidance}"
 
     @property
@@ -149,7 +159,35 @@ class Abstract:
         """The identity method config of `case` (Face Fusion's; None without references)."""
         from fusion_jax.identity import fusion
 
+        if case.method_cfg is not None:
+            return case.method_cfg
         return fusion.FusionConfig(reference_timestep=case.reference_timestep) if case.references else None
+
+    def method_inputs(self, case: Case) -> dict:
+        """Shapes of what the generic sampler and the method's `sampling_inputs` give the jitted function, from
+        dummy host inputs (one person, a centred face box, random face embeddings)."""
+        import numpy as np
+
+        from fusion_jax.identity import base as identity_base
+
+        method = identity_base.for_config(case.method_cfg)
+        s, n = self.reference_size, case.references
+        model = nnx.eval_shape(lambda: method.attach(self._unet(), case.method_cfg))
+        request = identity_base.ReferenceRequest(
+            references=np.zeros((1, 1, n, s, s, 3), np.float32), reference_valid=np.ones((1, 1, n), bool),
+            boxes=np.array([[[self.image / 4, self.image / 4, 3 * self.image / 4, 3 * self.image / 4]]]),
+            face_embeddings=np.ones((1, 1, n, 512), np.float32) / np.sqrt(512))
+        side = self.image // self.vae_factor
+        extra = method.sampling_inputs(model, case.method_cfg, request, batch=1, image_size=(self.image,) * 2,
+                                       latent_size=(side, side))
+        host = {"references": request.references, "reference_valid": request.reference_valid,
+                "empty_ids": np.zeros((1, TEXT_TOKENS), np.int32), **extra}
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), host)
+
+    def _unet(self):
+        from fusion_jax.models.unet import UNet2DConditionModel
+
+        return UNet2DConditionModel(self.unet_cfg, rngs=nnx.Rngs(0))
 
     def latent(self, batch: int = 1) -> jax.ShapeDtypeStruct:
         side = self.image // self.vae_factor
@@ -159,6 +197,8 @@ class Abstract:
         """Abstract inputs of `sampling._text_to_image` for one image (B=1, one person)."""
         ids = jax.ShapeDtypeStruct((1, TEXT_TOKENS), jnp.int32)
         out = {"input_ids": ids, "uncond_ids": ids}
+        if case.method_cfg is not None:
+            return {**out, **self.method_inputs(case)}
         if case.references:
             s = self.reference_size
             out.update(empty_ids=ids, references=jax.ShapeDtypeStruct((1, 1, case.references, s, s, 3), jnp.float32),
@@ -262,10 +302,28 @@ def count_case(ab: Abstract, case: Case, with_times: bool = False, analysis: str
            "reference_timestep": case.reference_timestep if case.references else "-",
            "guidance": case.guidance if case.references else "cfg (base)",
            "predictions_per_step": case.predictions_per_step, "one_off_flops": one_off_flops,
-           "step_flops": step_flops, "image_flops": one_off_flops + ab.num_steps * step_flops}
+           "step_flops": step_flops, "image_flops": one_off_flops + ab.num_steps * step_flops,
+           "denoiser_params_mib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states[0])) / 2**20}
     if with_times:
         row["count_seconds"] = time.perf_counter() - start
     return row
+
+
+def method_cases(names: str, reference_counts) -> list[Case]:
+    """Rows of other registered methods (`--methods`): 'flashface' (ReferenceNet at every step, as released),
+    'flashface_cached' (ReferenceNet once at t=0), 'single_token'; disentangled guidance (3 predictions)."""
+    from fusion_jax.identity import flashface, single_token
+
+    table = {"flashface": flashface.FlashFaceConfig(reference_timestep="current"),
+             "flashface_cached": flashface.FlashFaceConfig(reference_timestep="cached"),
+             "single_token": single_token.SingleTokenConfig()}
+    cases = []
+    for name in [n for n in names.split(",") if n]:
+        if name not in table:
+            raise SystemExit(f"--methods: unknown row {name!r}; choose from {sorted(table)}")
+        for n in reference_counts:
+            cases.append(Case(n, guidance="disentangled", method_cfg=table[name], label=name))
+    return cases
 
 
 def main(argv=None) -> int:
@@ -277,6 +335,8 @@ def main(argv=None) -> int:
     p.add_argument("--references", default="1,4", help="comma-separated reference counts")
     p.add_argument("--analysis", default="compiled", choices=sorted(ANALYSES),
                    help="cost analysis of the compiled executables (exact) or of the lowered HLO (no compile: fast)")
+    p.add_argument("--methods", default="",
+                   help="extra rows of other methods: flashface, flashface_cached, single_token (comma-separated)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -290,7 +350,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--references must be positive integers (e.g. 1,4); or {e}") from None
 
     rows = []
-    for case in default_cases(counts):
+    for case in default_cases(counts) + method_cases(args.methods, counts):
         row = count_case(ab, case, with_times=True, analysis=args.analysis)
         rows.append(row)
         print(f"  {case.name}: {row['image_flops'] / 1e12:.3f} TFLOP ({row['count_seconds']:.0f} s)", flush=True)
@@ -304,7 +364,7 @@ def main(argv=None) -> int:
           f"{ab.reference_size}x{ab.reference_size} px ({ab.reference_size // ab.vae_factor}x"
           f"{ab.reference_size // ab.vae_factor} latents), batch 1, float32, {args.analysis} HLO cost analysis")
     common.print_table(rows, ["case", "predictions_per_step", "one_off_gflop", "step_gflop", "image_tflop",
-                              "ratio_vs_base"])
+                              "ratio_vs_base", "denoiser_params_mib"])
     by_name = {r["case"]: r for r in rows}
     payload = {"size": args.size, "image_size": ab.image, "steps": args.steps, "reference_size": ab.reference_size,
                "target_ratio": TARGET_RATIO, "base_image_flops": base, "analysis": args.analysis, "rows": rows}
@@ -312,6 +372,9 @@ def main(argv=None) -> int:
         for timestep in ("fixed", "current"):
             for n in counts:
                 payload[f"{timestep}_{n}ref{suffix}_flops_ratio"] = by_name[f"{timestep}_{n}ref_{form}"]["ratio_vs_base"]
+    for row in rows:
+        if row["case"].startswith(("flashface", "single_token")):
+            payload[f"{row['case']}_flops_ratio"] = row["ratio_vs_base"]
     if 4 in counts:
         ratio = payload["fixed_4ref_flops_ratio"]
         payload["target_met"] = ratio <= TARGET_RATIO

@@ -309,14 +309,18 @@ def count_case(ab: Abstract, case: Case, with_times: bool = False, analysis: str
     return row
 
 
-def method_cases(names: str, reference_counts) -> list[Case]:
+def method_cases(names: str, reference_counts, text_width: int = 768) -> list[Case]:
     """Rows of other registered methods (`--methods`): 'flashface' (ReferenceNet at every step, as released),
-    'flashface_cached' (ReferenceNet once at t=0), 'single_token'; disentangled guidance (3 predictions)."""
-    from fusion_jax.identity import flashface, single_token
+    'flashface_cached' (ReferenceNet once at t=0), 'single_token', 'ip_adapter_faceid', 'facestudio' (text branch
+    'direct', no style image); disentangled guidance (3 predictions)."""
+    from fusion_jax.identity import facestudio, flashface, ip_adapter_faceid, single_token
 
     table = {"flashface": flashface.FlashFaceConfig(reference_timestep="current"),
              "flashface_cached": flashface.FlashFaceConfig(reference_timestep="cached"),
-             "single_token": single_token.SingleTokenConfig()}
+             "single_token": single_token.SingleTokenConfig(),
+             "ip_adapter_faceid": ip_adapter_faceid.IPAdapterFaceIDConfig(),
+             # the 'direct' text branch is the pooled text state: its width is the style embedding width here
+             "facestudio": facestudio.FaceStudioConfig(style_dim=text_width)}
     cases = []
     for name in [n for n in names.split(",") if n]:
         if name not in table:
@@ -336,7 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--analysis", default="compiled", choices=sorted(ANALYSES),
                    help="cost analysis of the compiled executables (exact) or of the lowered HLO (no compile: fast)")
     p.add_argument("--methods", default="",
-                   help="extra rows of other methods: flashface, flashface_cached, single_token (comma-separated)")
+                   help="extra rows of other methods: flashface, flashface_cached, single_token, ip_adapter_faceid, "
+                        "facestudio (comma-separated)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -350,7 +355,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--references must be positive integers (e.g. 1,4); or {e}") from None
 
     rows = []
-    for case in default_cases(counts) + method_cases(args.methods, counts):
+    for case in default_cases(counts) + method_cases(args.methods, counts, ab.text_cfg.hidden_size):
         row = count_case(ab, case, with_times=True, analysis=args.analysis)
         rows.append(row)
         print(f"  {case.name}: {row['image_flops'] / 1e12:.3f} TFLOP ({row['count_seconds']:.0f} s)", flush=True)
@@ -373,7 +378,7 @@ def main(argv=None) -> int:
             for n in counts:
                 payload[f"{timestep}_{n}ref{suffix}_flops_ratio"] = by_name[f"{timestep}_{n}ref_{form}"]["ratio_vs_base"]
     for row in rows:
-        if row["case"].startswith(("flashface", "single_token")):
+        if row["case"].startswith(("flashface", "single_token", "ip_adapter_faceid", "facestudio")):
             payload[f"{row['case']}_flops_ratio"] = row["ratio_vs_base"]
     if 4 in counts:
         ratio = payload["fixed_4ref_flops_ratio"]

@@ -71,23 +71,66 @@ def caption_vocabulary() -> list[str]:
     return sorted(words)
 
 
+def _bpe_segments(symbols: Sequence[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """What CLIP's BPE makes of one word's symbols: repeatedly merge the adjacent pair of lowest rank (merges apply
+    by priority, not left to right), every occurrence of that pair at once, until no pair has a merge."""
+    word = list(symbols)
+    while len(word) > 1:
+        pairs = [(ranks.get(p, len(ranks)), p) for p in zip(word[:-1], word[1:])]
+        rank, best = min(pairs)
+        if rank == len(ranks):
+            break
+        merged, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
 def _word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
-    """BPE merges that build each word left to right into one `word</w>` token (shared prefixes merged once)."""
+    """BPE merges under which each of `words` is ONE `word</w>` token.
+
+    A chain per word (left to right, shared prefixes merged once) is not enough on its own: BPE applies merges by
+    priority, so an early merge of another word ('o' + 'n</w>' of "on") can fire inside "person" and break its
+    chain. So each word is then run through the BPE itself (`_bpe_segments`) and, when it ends in several pieces,
+    merges joining those pieces left to right are appended. Appended merges rank after every existing one, so
+    words that were already one token are unchanged (their BPE finished before reaching any of them)."""
     from fusion_jax.tiny import bytes_to_unicode
 
     byte_map = bytes_to_unicode()
+    symbols_of = {}
     merges, seen = [], set()
+
+    def add(pair):
+        if pair not in seen:
+            seen.add(pair)
+            merges.append(pair)
+
     for word in words:
         symbols = [byte_map[b] for b in word.encode("utf-8")]
         symbols[-1] += "</w>"
+        symbols_of[word] = symbols
         current = symbols[0]
         for sym in symbols[1:]:
-            pair = (current, sym)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+            add((current, sym))
             current = current + sym
-    return merges
+    for _ in range(len(words) + 1):
+        ranks = {pair: i for i, pair in enumerate(merges)}
+        split = [w for w in words if len(_bpe_segments(symbols_of[w], ranks)) > 1]
+        if not split:
+            return merges
+        for word in split:
+            pieces = _bpe_segments(symbols_of[word], {pair: i for i, pair in enumerate(merges)})
+            current = pieces[0]
+            for piece in pieces[1:]:
+                add((current, piece))
+                current = current + piece
+    raise RuntimeError(f"could not make one BPE token of each word; still split: {split}")
 
 
 def write_word_tokenizer(folder: str | os.PathLike, words: Sequence[str], context: int = TEXT_LENGTH) -> Path:
@@ -232,6 +275,15 @@ def restore_model(workdir: str, use_ema: bool = True):
     return run.model, run.config, run.step
 
 
+def run_identity_config(config):
+    """The identity method config a run was trained with (its objective's section; None for text-to-image)."""
+    from fusion_jax.experiment import identity_method
+    from fusion_jax.identity import base as identity_base
+
+    method = identity_method(config)
+    return identity_base.method_config(config, method) if method is not None else None
+
+
 def finished_step(workdir: str) -> Optional[int]:
     """Newest checkpoint step under WORKDIR/checkpoints (None when there is none)."""
     folder = Path(workdir) / "checkpoints"
@@ -329,7 +381,7 @@ def to_unit(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def sample_images(pipeline, fusion_cfg, eval_set: EvalSet, num_references: int, *, steps: int,
+def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int, *, steps: int,
                   guidance: float, reference_guidance: str, reference_scale: float, batch: int, seed: int,
                   progress=None, sampler: Optional[Callable] = None) -> np.ndarray:
     """Generated uint8 images (M, H, W, 3): 0 references (text only) or the first `num_references` references.
@@ -357,10 +409,10 @@ def sample_images(pipeline, fusion_cfg, eval_set: EvalSet, num_references: int, 
                 refs = np.concatenate([refs, np.repeat(refs[-1:], pad, 0)])
         key = jax.random.fold_in(jax.random.key(seed), lo)
         if sampler is not None:
-            images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, fusion_cfg=fusion_cfg)
+            images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, identity_cfg=identity_cfg)
         else:
             images = generate(pipeline, ids, key=key, cfg=cfg, noise=jnp.asarray(noise), references=refs,
-                              fusion_cfg=fusion_cfg if refs is not None else None)
+                              identity_cfg=identity_cfg if refs is not None else None)
         out.append(np.asarray(images)[: hi - lo])
         if progress is not None:
             progress.update(hi - lo)
@@ -487,7 +539,7 @@ def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=
     return timings
 
 
-def evaluate_settings(pipeline, fusion_cfg, metrics, eval_set: EvalSet, settings: Sequence[int], *, steps: int,
+def evaluate_settings(pipeline, identity_cfg, metrics, eval_set: EvalSet, settings: Sequence[int], *, steps: int,
                       guidance: float, reference_scale: float, seed: int, batch: int = 16, log=print,
                       sampler=None, label: str = "") -> tuple[dict[int, np.ndarray], dict[int, dict]]:
     """Samples and scores each number of references in `settings` (0 = text only)."""
@@ -496,7 +548,7 @@ def evaluate_settings(pipeline, fusion_cfg, metrics, eval_set: EvalSet, settings
     images, scores = {}, {}
     for n in settings:
         with tqdm(total=len(eval_set.captions), desc=f"sample {label}{n} ref", dynamic_ncols=True) as bar:
-            images[n] = sample_images(pipeline, fusion_cfg, eval_set, n, steps=steps, guidance=guidance,
+            images[n] = sample_images(pipeline, identity_cfg, eval_set, n, steps=steps, guidance=guidance,
                                       reference_guidance="disentangled", reference_scale=reference_scale,
                                       batch=batch, seed=seed, progress=bar, sampler=sampler)
         scores[n] = score(metrics, images[n], eval_set, n)
@@ -516,7 +568,6 @@ def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dic
     4 references, DIR/grid.png and DIR/metrics.json. Returns the metrics dict."""
     from fusion_jax import synth_metrics
     from fusion_jax.cli_utils import save_grid
-    from fusion_jax.identity.fusion import FusionConfig  # noqa: F401  (type of fusion.fusion)
 
     start = time.perf_counter()
     out = os.path.abspath(cfg.out)
@@ -539,7 +590,7 @@ def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dic
     pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
     faces = dataclasses.replace(fusion.data.synthfaces)
     eval_set = build_eval_set(faces, cfg.identities, cfg.prompts)
-    images, scores = evaluate_settings(pipeline, fusion_config.fusion, metrics, eval_set, (0, 1, 4),
+    images, scores = evaluate_settings(pipeline, run_identity_config(fusion_config), metrics, eval_set, (0, 1, 4),
                                        steps=cfg.sample_steps, guidance=cfg.guidance,
                                        reference_scale=cfg.reference_scale, seed=cfg.seed,
                                        batch=min(16, len(eval_set.captions)), log=log)
@@ -585,7 +636,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "joint_fixed": ("fusion.combine=joint", "fusion.reference_timestep=fixed"),
     "decoupled_current": ("fusion.combine=decoupled", "fusion.reference_timestep=current"),
     "joint_current": ("fusion.combine=joint", "fusion.reference_timestep=current"),
-    "single_token": ("fusion.combine=decoupled", "fusion.reference_timestep=fixed"),
+    # the pooled one-token baseline (`identity/single_token.py`), with the same options as decoupled_fixed
+    "single_token": ("objective.name=single_token", "single_token.combine=decoupled",
+                     "single_token.reference_timestep=fixed"),
 }
 
 
@@ -608,47 +661,9 @@ class EvaluationConfig:
     seed: int = 0  # sampling seed
 
 
-class single_token_references:
-    """Context manager: while active, Face Fusion's reference tokens are mean-pooled to ONE token per reference
-    image per layer (a pooled image embedding projected by W'k / W'v to an extra cross-attention token: the
-    IP-Adapter-like baseline). It swaps `identity.fusion.encode_references` (read at trace time by `fusion_loss`
-    and the sampler) and clears the sampler's compile cache on entry and exit, so traces never mix."""
-
-    def __enter__(self):
-        from fusion_jax import sampling
-        from fusion_jax.identity import fusion
-
-        self._original = original = fusion.encode_references
-
-        def pooled(unet, ref_latents, *args, **kwargs):
-            ctx = original(unet, ref_latents, *args, **kwargs)
-            refs = jnp.asarray(ref_latents)
-            per_image = int(np.prod(refs.shape[1:-3]))  # K * N reference images per row
-            tokens, ids = {}, {}
-            for name, value in ctx.reference_tokens.items():
-                b, t, c = value.shape
-                tokens[name] = value.reshape(b, per_image, t // per_image, c).mean(axis=2)
-                ids[name] = ctx.token_identity[name].reshape(b, per_image, t // per_image)[:, :, 0]
-            return ctx.replace(reference_tokens=tokens, token_identity=ids)
-
-        fusion.encode_references = pooled
-        sampling._compiled.cache_clear()
-        return self
-
-    def __exit__(self, *exc):
-        from fusion_jax import sampling
-        from fusion_jax.identity import fusion
-
-        fusion.encode_references = self._original
-        sampling._compiled.cache_clear()
-        return False
-
-
 def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains the base model and each Face Fusion variant (resuming), samples held-out identities with 0 / 1 / 4
     references, writes OUT/evaluation.{md,json}; returns the JSON dict."""
-    import contextlib
-
     from fusion_jax import synth_metrics
     from fusion_jax.experiment import build_experiment
     from fusion_jax.training import train
@@ -675,27 +690,25 @@ def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print) -> dict[
         workdir = "fusion" if variant == "decoupled_fixed" else f"fusion_{variant}"  # decoupled_fixed = quickstart's
         _, fusion, _ = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths,
                                      extra_fusion=(*VARIANTS[variant], f"workdir={os.path.join(out, workdir)}"))
-        pooled = single_token_references() if variant == "single_token" else contextlib.nullcontext()
-        with pooled:
-            log(f"Face Fusion variant {variant}: {cfg.fusion_steps} steps")
-            done = finished_step(fusion.workdir)
-            if done is not None and done >= fusion.train.steps:
-                timings[variant] = {"trained": False, "seconds": 0.0, "step": done}
-            else:
-                t = time.perf_counter()
-                exp = build_experiment(fusion)
-                result = train(fusion, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory,
-                               trainable=exp.trainable)
-                timings[variant] = {"trained": True, "seconds": time.perf_counter() - t, "step": int(result.step)}
-            model, fusion_config, _ = restore_model(fusion.workdir, use_ema=True)
-            pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
-            settings = (1, 4) if no_reference_done else (0, 1, 4)
+        log(f"Face Fusion variant {variant}: {cfg.fusion_steps} steps")
+        done = finished_step(fusion.workdir)
+        if done is not None and done >= fusion.train.steps:
+            timings[variant] = {"trained": False, "seconds": 0.0, "step": done}
+        else:
             t = time.perf_counter()
-            _, scores = evaluate_settings(pipeline, fusion_config.fusion, metrics, eval_set, settings,
-                                          steps=cfg.sample_steps, guidance=cfg.guidance,
-                                          reference_scale=cfg.reference_scale, seed=cfg.seed, log=log,
-                                          label=f"{variant} ")
-            timings[f"{variant}_sampling_s"] = time.perf_counter() - t
+            exp = build_experiment(fusion)
+            result = train(fusion, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory,
+                           trainable=exp.trainable)
+            timings[variant] = {"trained": True, "seconds": time.perf_counter() - t, "step": int(result.step)}
+        model, fusion_config, _ = restore_model(fusion.workdir, use_ema=True)
+        pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
+        settings = (1, 4) if no_reference_done else (0, 1, 4)
+        t = time.perf_counter()
+        _, scores = evaluate_settings(pipeline, run_identity_config(fusion_config), metrics, eval_set, settings,
+                                      steps=cfg.sample_steps, guidance=cfg.guidance,
+                                      reference_scale=cfg.reference_scale, seed=cfg.seed, log=log,
+                                      label=f"{variant} ")
+        timings[f"{variant}_sampling_s"] = time.perf_counter() - t
         if 0 in scores:  # identity off = the base model (only identity projections were trained)
             rows.append(("no reference (base model)", scores[0]))
             results["no_reference"] = scores[0]

@@ -30,8 +30,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 
 # Sections owned by other modules, reused as they are (their fields are the YAML keys).
-from fusion_jax.data.configs import PipelineConfig
-from fusion_jax.data.synthfaces import SynthFaceConfig
+from fusion_jax.data.configs import PipelineConfig, SynthFaceConfig
 
 
 class ConfigError(ValueError):
@@ -149,6 +148,9 @@ class ObjectiveConfig:
     # its own section (e.g. `fusion` for face_fusion).
     name: str = "face_fusion"
     text_dropout: float = 0.1  # text_to_image: probability of replacing a caption by the empty prompt
+    # text_to_image: Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss is weighted by
+    # min(SNR_t, gamma) / SNR_t (epsilon), / (SNR_t + 1) (v_prediction) or x1 (sample); 0 = off (plain mean)
+    min_snr_gamma: float = 0.0
 
     # Allowed values of str fields that are only known at run time (checked when the file is read; not a field).
     _config_choices = {"name": lambda: ("text_to_image",) + _identity_method_names()}

@@ -1,6 +1,6 @@
 """Config sections of the data modules, as plain dataclasses (no OpenCV, PIL or TensorFlow imports), so that the
 config layer can type-check `data.pipeline.*` / `data.synthfaces.*` without importing the data code.
-`fusion_jax.data.pipeline.PipelineConfig` is the same class."""
+`fusion_jax.data.pipeline.PipelineConfig` and `fusion_jax.data.synthfaces.SynthFaceConfig` are the same classes."""
 
 from __future__ import annotations
 
@@ -67,3 +67,36 @@ class PipelineConfig:
                 raise ValueError(f"PipelineConfig.{field}: expected {expected}, got {getattr(self, field.split('/')[0])!r}")
         if self.process_count is not None and not 0 <= self.process_index < self.process_count:
             raise ValueError(f"PipelineConfig.process_index: expected 0 <= index < {self.process_count}, got {self.process_index}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthFaceConfig:
+    """Size and content of a synthetic face dataset."""
+
+    image_size: int = 64  # output image side (pixels), e.g. 64 or 128
+    crop_size: int = 0  # side of the aligned face crop (pixels); 0 = image_size
+    num_train_identities: int = 2000  # identities 0 .. n-1 form the train split
+    num_heldout_identities: int = 200  # the next ones form the held-out split
+    photos_per_identity: int = 16  # photos per identity in the random-access source
+    seed: int = 0  # dataset seed: traits and photos are pure functions of (ids, seed)
+    supersample: int = 2  # draw at this multiple of the size, then box-filter down (antialiasing)
+    crop_extent: float = 2.7  # crop side in face units (head half-height = 1; covers hair and chin)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 16:
+            raise ValueError(f"image_size must be an int >= 16, got {self.image_size!r}")
+        if not isinstance(self.crop_size, int) or (self.crop_size != 0 and self.crop_size < 8):
+            raise ValueError(f"crop_size must be 0 (= image_size) or an int >= 8, got {self.crop_size!r}")
+        for name in ("num_train_identities", "num_heldout_identities", "photos_per_identity"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        if self.photos_per_identity < 1:
+            raise ValueError(f"photos_per_identity must be >= 1, got {self.photos_per_identity}")
+        if not isinstance(self.supersample, int) or self.supersample < 1:
+            raise ValueError(f"supersample must be an int >= 1, got {self.supersample!r}")
+        if not self.crop_extent > 0:
+            raise ValueError(f"crop_extent must be > 0, got {self.crop_extent!r}")
+
+    @property
+    def face_crop_size(self) -> int:
+        return self.crop_size or self.image_size

@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fusion_jax.data.configs import SynthFaceConfig
+
 # --------------------------------------------------------------------------------------------------------
 # Prompt attributes: one small enum each, stated by the caption and readable back exactly.
 # --------------------------------------------------------------------------------------------------------
@@ -498,39 +500,6 @@ def _background(size: int, colour: str, pattern: str, photo: PhotoParams) -> np.
     else:  # checkered
         mask = (np.floor(u) + np.floor(v)) % 2 == 0
     return np.where(mask[..., None], second, base)
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthFaceConfig:
-    """Size and content of a synthetic face dataset."""
-
-    image_size: int = 64  # output image side (pixels), e.g. 64 or 128
-    crop_size: int = 0  # side of the aligned face crop (pixels); 0 = image_size
-    num_train_identities: int = 2000  # identities 0 .. n-1 form the train split
-    num_heldout_identities: int = 200  # the next ones form the held-out split
-    photos_per_identity: int = 16  # photos per identity in the random-access source
-    seed: int = 0  # dataset seed: traits and photos are pure functions of (ids, seed)
-    supersample: int = 2  # draw at this multiple of the size, then box-filter down (antialiasing)
-    crop_extent: float = 2.7  # crop side in face units (head half-height = 1; covers hair and chin)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int) or self.image_size < 16:
-            raise ValueError(f"image_size must be an int >= 16, got {self.image_size!r}")
-        if not isinstance(self.crop_size, int) or (self.crop_size != 0 and self.crop_size < 8):
-            raise ValueError(f"crop_size must be 0 (= image_size) or an int >= 8, got {self.crop_size!r}")
-        for name in ("num_train_identities", "num_heldout_identities", "photos_per_identity"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        if self.photos_per_identity < 1:
-            raise ValueError(f"photos_per_identity must be >= 1, got {self.photos_per_identity}")
-        if not isinstance(self.supersample, int) or self.supersample < 1:
-            raise ValueError(f"supersample must be an int >= 1, got {self.supersample!r}")
-        if not self.crop_extent > 0:
-            raise ValueError(f"crop_extent must be > 0, got {self.crop_extent!r}")
-
-    @property
-    def face_crop_size(self) -> int:
-        return self.crop_size or self.image_size
 
 
 def _similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:

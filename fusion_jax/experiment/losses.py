@@ -19,7 +19,7 @@ import numpy as np
 from fusion_jax.config import ExperimentConfig
 from fusion_jax.experiment.models import TrainModel, identity_method
 from fusion_jax.identity import base as identity_base
-from fusion_jax.schedulers import NoiseSchedule, add_noise, training_target
+from fusion_jax.schedulers import NoiseSchedule, add_noise, snr, training_target
 
 
 def _latents_from_moments(mean, logvar, key, scale, shift):
@@ -34,8 +34,26 @@ def _encode_images(vae, images: jax.Array, key: jax.Array) -> jax.Array:
     return z.reshape(lead + z.shape[1:])
 
 
-def text_to_image_loss(unet, x0, text, empty, rng, schedule: NoiseSchedule, text_dropout: float):
-    """The plain denoising loss: caption replaced by the empty prompt with probability `text_dropout`."""
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Per-sample Min-SNR-gamma weight of the loss on the schedule's prediction target (1 where gamma <= 0)."""
+    if gamma <= 0:
+        return jnp.ones(t.shape, jnp.float32)
+    s = snr(schedule, t).astype(jnp.float32)
+    clipped = jnp.minimum(s, gamma)
+    kind = schedule.prediction_type
+    if kind == "epsilon":
+        return clipped / s
+    if kind == "v_prediction":
+        return clipped / (s + 1.0)
+    if kind == "sample":
+        return clipped
+    raise ValueError(f"objective.min_snr_gamma: no Min-SNR weight for prediction_type {kind!r}")
+
+
+def text_to_image_loss(unet, x0, text, empty, rng, schedule: NoiseSchedule, text_dropout: float,
+                       min_snr_gamma: float = 0.0):
+    """The plain denoising loss: caption replaced by the empty prompt with probability `text_dropout`; optionally
+    Min-SNR-gamma weighted per sample."""
     k_t, k_noise, k_text = jax.random.split(rng, 3)
     b = x0.shape[0]
     t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
@@ -44,7 +62,12 @@ def text_to_image_loss(unet, x0, text, empty, rng, schedule: NoiseSchedule, text
     ehs = jnp.where(drop[:, None, None], jnp.broadcast_to(empty, text.shape), text)
     pred = unet(add_noise(schedule, x0, noise, t), t, ehs).astype(jnp.float32)
     target = training_target(schedule, x0, noise, t).astype(jnp.float32)
-    return jnp.mean((pred - target) ** 2), {"text_dropped": jnp.mean(drop.astype(jnp.float32))}
+    if min_snr_gamma > 0:
+        per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
+        loss = jnp.mean(per_sample * min_snr_weight(schedule, t, min_snr_gamma))
+    else:  # the plain mean, computed as before the option existed (same numbers)
+        loss = jnp.mean((pred - target) ** 2)
+    return loss, {"text_dropped": jnp.mean(drop.astype(jnp.float32))}
 
 
 def make_loss(config: ExperimentConfig, *, schedule: NoiseSchedule, empty_ids: Optional[np.ndarray],
@@ -81,7 +104,8 @@ def make_loss(config: ExperimentConfig, *, schedule: NoiseSchedule, empty_ids: O
         dtype = (method.base_unet(model.unet) if method is not None else model.unet).dtype
         x0, text, empty = (a.astype(dtype) for a in (x0, text, empty))
         if method is None:
-            return text_to_image_loss(model.unet, x0, text, empty, k_obj, schedule, objective.text_dropout)
+            return text_to_image_loss(model.unet, x0, text, empty, k_obj, schedule, objective.text_dropout,
+                                      objective.min_snr_gamma)
         generic = {"latents": x0, "text_emb": text, "empty_text_emb": empty, "reference_latents": refs.astype(dtype)}
         generic.update({key: batch[key] for key in method.batch_keys})
         return method.loss(model.unet, generic, k_obj, schedule, method_cfg)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fusion_jax.identity.slots import copy_text_projections
 from fusion_jax.identity.base import IdentityMethod, register
 from fusion_jax.identity.context import IdentityContext
 from fusion_jax.schedulers import add_noise, training_target
@@ -315,17 +316,7 @@ def attach_adapter(unet, cfg: FaceStudioConfig = FaceStudioConfig(), *, style_en
     first = next(iter(blocks.values())).attn2.to_k
     unet.facestudio = FaceStudioAdapter(cfg, cross.pop(), rngs=rngs, style_encoder=style_encoder, dtype=first.dtype,
                                         param_dtype=first.kernel.get_value().dtype)
-    for block in blocks.values():
-        attn = block.attn2
-        pair = []
-        for src in (attn.to_k, attn.to_v):
-            in_f, out_f = src.kernel.get_value().shape
-            lin = nnx.Linear(in_f, out_f, use_bias=False, dtype=src.dtype, param_dtype=src.kernel.get_value().dtype,
-                             rngs=rngs)
-            lin.kernel.set_value(src.kernel.get_value())
-            pair.append(lin)
-        attn.to_k_ref, attn.to_v_ref = pair
-        attn.identity_combine = cfg.combine
+    copy_text_projections(unet, cfg.combine, rngs=rngs)
     return unet
 
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fusion_jax.identity.slots import copy_text_projections
 from fusion_jax.identity.base import IdentityMethod, register
 from fusion_jax.identity.context import IdentityContext
 from fusion_jax.schedulers import add_noise, training_target
@@ -320,17 +321,7 @@ def attach_adapter(unet, cfg: IPAdapterFaceIDConfig = IPAdapterFaceIDConfig(), *
     else:
         unet.ip_image_proj = MLPProjModel(cfg.embedding_dim, cross_dim, cfg.num_tokens, cfg.mult, rngs=rngs,
                                           dtype=dtype, param_dtype=pdtype)
-    for block in blocks.values():
-        attn = block.attn2
-        new = []
-        for src in (attn.to_k, attn.to_v):
-            in_f, out_f = src.kernel.get_value().shape
-            lin = nnx.Linear(in_f, out_f, use_bias=False, dtype=src.dtype, param_dtype=src.kernel.get_value().dtype,
-                             rngs=rngs)
-            lin.kernel.set_value(src.kernel.get_value())
-            new.append(lin)
-        attn.to_k_ref, attn.to_v_ref = new
-        attn.identity_combine = "decoupled"
+    copy_text_projections(unet, "decoupled", rngs=rngs)
     return unet
 
 

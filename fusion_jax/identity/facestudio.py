@@ -401,7 +401,7 @@ class FaceStudio(IdentityMethod):
     def attach(self, unet, cfg: FaceStudioConfig, *, trainable: str = "all", rngs=None):
         attach_adapter(unet, cfg, rngs=rngs)
         if trainable == "adapter+lora":
-            from fusion_jax.identity.fusion import attach_lora
+            from fusion_jax.identity.slots import attach_lora
 
             attach_lora(unet, cfg.lora_rank, rngs=rngs)
         return unet

@@ -32,7 +32,7 @@ from flax import nnx
 
 from fusion_jax.identity.base import IdentityMethod, register
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture, resolution_key
-from fusion_jax.models.attention import Attention
+from fusion_jax.identity.slots import LORA_TARGETS, attach_lora  # noqa: F401  (shared with the token methods)
 from fusion_jax.schedulers import NoiseSchedule, add_noise, training_target
 
 COMBINES = ("joint", "decoupled")
@@ -125,39 +125,6 @@ def attach_identity_projections(unet, cfg: FusionConfig, *, rngs: nnx.Rngs | Non
         attn2.to_k_ref, attn2.to_v_ref = k_ref, v_ref
         attn2.identity_combine = cfg.combine
     return names
-
-
-LORA_TARGETS = ("to_q", "to_k", "to_v")
-
-
-def attach_lora(unet, rank: int, *, rngs: nnx.Rngs | None = None) -> int:
-    """Wrap every UNet attention projection (`to_q`, `to_k`, `to_v`, `to_out[0]`) in a LoRA adapter (in place).
-
-    The base kernel / bias keep their paths; adapters add `<proj>.lora.lora_a` / `lora_b` (b starts at zero, so
-    the model is unchanged). Identity projections are not wrapped. Returns the number of wrapped projections.
-    """
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    attentions = [node for _, node in nnx.iter_graph(unet) if isinstance(node, Attention)]
-    count = 0
-
-    def wrap(src: nnx.Linear) -> nnx.LoRALinear:
-        in_f, out_f = src.kernel.get_value().shape
-        lora = nnx.LoRALinear(in_f, out_f, lora_rank=rank, use_bias=src.bias is not None, dtype=src.dtype,
-                              param_dtype=src.kernel.get_value().dtype, lora_param_dtype=jnp.float32, rngs=rngs)
-        lora.kernel.set_value(src.kernel.get_value())
-        if src.bias is not None:
-            lora.bias.set_value(src.bias.get_value())
-        return lora
-
-    for attn in attentions:
-        for name in LORA_TARGETS:
-            if not isinstance(getattr(attn, name), nnx.LoRALinear):
-                setattr(attn, name, wrap(getattr(attn, name)))
-                count += 1
-        if not isinstance(attn.to_out[0], nnx.LoRALinear):
-            attn.to_out[0] = wrap(attn.to_out[0])
-            count += 1
-    return count
 
 
 _IDENTITY_PARAM = re.compile(r"(^|\.)to_[kv]_ref\.")

@@ -41,6 +41,9 @@ class SamplingConfig:
     reference_guidance: str = "disentangled"
     reference_guidance_scale: float = 2.0  # s_ref of the disentangled form
     reference_guidance_max_timestep: int | None = None  # apply s_ref only while t <= this (FlashFace's code: 750)
+    # img2img (with an init image): the fraction of the schedule run from the init image's latents noised to
+    # that level (diffusers' `strength`: the loop starts at step num_steps - int(num_steps * init_strength))
+    init_strength: float = 1.0
 
     def __post_init__(self):
         if self.reference_guidance not in ("disentangled", "cfg"):
@@ -49,6 +52,16 @@ class SamplingConfig:
             raise ValueError(f"output must be 'uint8' or 'float', got {self.output!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not 0.0 < self.init_strength <= 1.0:
+            raise ValueError(f"init_strength must be in (0, 1], got {self.init_strength}")
+        if int(self.num_steps * self.init_strength) < 1:
+            raise ValueError(f"init_strength={self.init_strength} of {self.num_steps} steps runs no step; raise "
+                             "one of them")
+
+    @property
+    def start_step(self) -> int:
+        """The first step the loop runs: 0 for text-to-image, later for img2img (as diffusers' img2img)."""
+        return self.num_steps - min(int(self.num_steps * self.init_strength), self.num_steps)
 
 
 def _make_sampler(cfg: SamplingConfig, schedule: schedulers.NoiseSchedule):
@@ -99,10 +112,11 @@ def denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg: SamplingCon
     return step
 
 
-def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingConfig):
-    """The sampler loop with classifier-free guidance: one batched UNet call (uncond + text) per step."""
+def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingConfig, start: int = 0):
+    """The sampler loop with classifier-free guidance: one batched UNet call (uncond + text) per step, from step
+    `start` (img2img) to the end."""
     step = denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg)
-    latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
+    latents, _ = jax.lax.fori_loop(start, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents
 
 
@@ -153,12 +167,13 @@ def reference_step_fn(model, sampler, method, method_cfg, parts, cache, key, cfg
     return step
 
 
-def denoise_with_references(model, sampler, latents, parts, key, cfg: SamplingConfig, method, method_cfg):
+def denoise_with_references(model, sampler, latents, parts, key, cfg: SamplingConfig, method, method_cfg,
+                            start: int = 0):
     """The sampler loop with an identity method: its once-per-image part (e.g. Face Fusion's `fixed` reference
-    tokens) before the loop, its guided prediction at every step."""
+    tokens) before the loop, its guided prediction at every step from `start` (img2img) on."""
     cache = method.encode_references(model, method_cfg, parts, key)
     step = reference_step_fn(model, sampler, method, method_cfg, parts, cache, key, cfg)
-    latents, _ = jax.lax.fori_loop(0, cfg.num_steps, step, (latents, sampler.init_state(latents)))
+    latents, _ = jax.lax.fori_loop(start, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents
 
 
@@ -177,9 +192,15 @@ def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule,
     sampler = _make_sampler(cfg, schedule)
     text_cond = text_encoder(inputs["input_ids"]).last_hidden_state
     text_uncond = text_encoder(inputs["uncond_ids"]).last_hidden_state
-    latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
+    start = 0
+    if "init_images" in inputs:  # img2img: the init image's latents noised to the first step run
+        start = cfg.start_step
+        x0 = encode_reference_images(vae, inputs["init_images"].astype(jnp.float32))
+        latents = sampler.noise_to_step(x0, noise, start)
+    else:
+        latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
     if "references" not in inputs:
-        latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg)
+        latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg, start)
     else:
         from fusion_jax.identity import base as identity_base
 
@@ -187,7 +208,7 @@ def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule,
         ref_latents = encode_reference_images(vae, inputs["references"].astype(jnp.float32))
         parts = reference_parts(text_uncond, text_cond, empty_text, ref_latents, inputs, schedule)
         latents = denoise_with_references(unet, sampler, latents, parts, key, cfg,
-                                          identity_base.for_config(identity_cfg), identity_cfg)
+                                          identity_base.for_config(identity_cfg), identity_cfg, start)
     return decode_latents(vae, latents, cfg.output)
 
 
@@ -224,6 +245,7 @@ def generate(
     identity_cfg=None,
     fusion_cfg=None,
     face_embeddings=None,
+    init_images=None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
 
@@ -243,6 +265,10 @@ def generate(
         Face Fusion's defaults. `fusion_cfg` is the older name of the same argument.
       face_embeddings: (B, K, N, D) ArcFace embeddings of the references, for the methods that read them
         (IP-Adapter-FaceID, FaceStudio).
+
+    img2img: `init_images` (B, height, width, 3) in [-1, 1]: the loop starts at `cfg.start_step` from their VAE
+    latents (posterior mean; diffusers samples the posterior) noised to that step with `noise`. An identity method
+    may supply them instead (FaceStudio's style image, `facestudio.img2img`).
     """
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -275,10 +301,29 @@ def generate(
         raise ValueError("boxes / reference_valid / face_embeddings given without references")
     else:
         identity_cfg = None  # text only: the identity method takes no part (and is not part of the compile key)
+    if init_images is not None:
+        if "init_images" in inputs:
+            raise ValueError("init_images given while the identity method supplies its own (e.g. facestudio.img2img"
+                             "); give one of them")
+        inputs["init_images"] = check_init_images(init_images, batch, cfg)
+    if "init_images" in inputs and not _make_sampler(cfg, pipeline.schedule).supports_partial:
+        raise ValueError(f"img2img: the {cfg.scheduler} sampler cannot start part-way; use ddim, euler or "
+                         "euler_ancestral")
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     graphdefs, states = zip(*(nnx.split(m) for m in models))
     fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, identity_cfg, mesh)
     return fn(tuple(states), inputs, jnp.asarray(noise), step_key)
+
+
+def check_init_images(images, batch: int, cfg: SamplingConfig) -> jax.Array:
+    """img2img init images -> (B, H, W, 3) float32; the error names the expected shape."""
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim == 3:
+        images = jnp.broadcast_to(images[None], (batch,) + images.shape)
+    if images.shape != (batch, cfg.height, cfg.width, 3):
+        raise ValueError(f"init_images must be (B={batch}, {cfg.height}, {cfg.width}, 3) images in [-1, 1] (the "
+                         f"generated size), got shape {tuple(images.shape)}")
+    return images
 
 
 def _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch):

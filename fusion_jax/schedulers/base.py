@@ -110,6 +110,16 @@ class Sampler:
         """
         raise NotImplementedError
 
+    supports_partial: ClassVar[bool] = True  # whether a loop may start at a step > 0 (img2img)
+
+    def noise_to_step(self, x0: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+        """The latent at step i for clean latents x0 and unit noise (img2img's start, diffusers' `add_noise` at
+        timesteps[i]): sqrt(a_t) x0 + sqrt(1 - a_t) noise for the variance-preserving samplers."""
+        t = int(self._host_timesteps[i])
+        a = float(self.schedule.alphas_cumprod[t])
+        return (np.float32(np.sqrt(a)) * x0.astype(jnp.float32)
+                + np.float32(np.sqrt(1.0 - a)) * noise.astype(jnp.float32))
+
     # ---- helpers for subclasses ----
 
     def _table(self, values: np.ndarray) -> jax.Array:
@@ -149,6 +159,11 @@ class SigmaTableSampler(Sampler):
     @functools.cached_property
     def _host_timesteps(self) -> np.ndarray:
         return self._sigmas_and_timesteps[1]
+
+    def noise_to_step(self, x0: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+        """Sigma-space latent at step i: x0 + sigma_i noise (diffusers' Euler `add_noise`)."""
+        sigma = np.float32(self._sigmas_and_timesteps[0][i])
+        return x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)
 
     @property
     def sigmas(self) -> jax.Array:

@@ -87,6 +87,12 @@ class DPMSolverPlusPlus2MSampler(SigmaTableSampler):
             "diff_coef": correction,
         }
 
+    # its first/second-order choice is a per-step table built for a loop that starts at step 0
+    supports_partial: ClassVar[bool] = False
+
+    def noise_to_step(self, x0, noise, i):
+        raise ValueError("dpmpp_2m cannot start part-way (img2img): use ddim, euler or euler_ancestral")
+
     def init_state(self, x: jax.Array) -> SamplerState:
         """The previous x0 prediction (unused on the first step, which is first order)."""
         return jnp.zeros(x.shape, jnp.float32)

@@ -509,7 +509,17 @@ def parse_override(cls: type, override: str) -> dict:
 def load_config(
     path: Optional[str] = None, overrides: Sequence[str] = (), cls: type = ExperimentConfig
 ) -> Any:
-    """Resolves YAML `path` (with its `base:` chain; None = defaults) plus `key=value` overrides into `cls`."""
+    """Resolves YAML `path` (with its `base:` chain; None = defaults) plus `key=value` overrides into `cls`.
+
+    `path` is a file (absolute or relative to the current folder) or a shipped config's name (`tiny`,
+    `configs/tiny.yaml`, `synthfaces/face_fusion`): `fusion_jax.config_files.resolve_config`."""
+    if path:
+        from fusion_jax.config_files import ConfigNotFound, resolve_config
+
+        try:
+            path = resolve_config(path)
+        except ConfigNotFound as e:
+            raise ConfigError(f"config file not found: {e}") from None
     data = _load_yaml_tree(cls, path, ()) if path else {}
     for override in overrides:
         data = _deep_merge(data, parse_override(cls, override))

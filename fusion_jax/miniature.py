@@ -510,8 +510,10 @@ def stage_configs(out: str, base_steps: int, fusion_steps: int, batch_size: int,
     """The two stage configs (configs/synthfaces/{text_to_image,face_fusion}.yaml + overrides) under `out`."""
     from fusion_jax.config import load_config
 
-    config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                            "configs", "synthfaces")
+    if not config_dir:
+        from fusion_jax.config_files import shipped_config_dir
+
+        config_dir = str(shipped_config_dir() / "synthfaces")
     model_cfg = MiniatureModelConfig(widths=tuple(widths))
     common = [f"data.batch_size={batch_size}", f"checkpoint.every={max(base_steps, fusion_steps)}"]
     base = load_config(os.path.join(config_dir, "text_to_image.yaml"), [

@@ -1,58 +1,17 @@
 """Train a model: `python train/train.py --config configs/X.yaml workdir=/path key=value ...`
 
-Thin: resolves the config (YAML `base:` chain + overrides; any mistake is reported before anything loads),
-builds the model / loss / batch iterator from it (`fusion_jax.experiment`) and runs `fusion_jax.training.train`.
-The run directory gets config.yaml (resolved), metrics.jsonl, tensorboard/ and checkpoints/<step>/; running the
-same command again resumes from the newest checkpoint. SIGTERM saves a checkpoint and exits cleanly.
+Thin wrapper kept so the documented `python train/train.py ...` works from a source checkout: the program is
+`fusion_jax.cli.train` (the same as `fusion-jax train ...` once the package is installed).
 """
 
-from __future__ import annotations
-
-import logging
 import os
 import sys
 
+# a checkout's scripts run its own fusion_jax (before any installed copy); the library never edits sys.path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusion_jax.config import ConfigError, load_config, split_argv  # noqa: E402
-
-USAGE = "usage: train/train.py --config configs/X.yaml workdir=PATH [key=value ...]"
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + "\n\n" + (__doc__ or ""))
-        return 0
-    try:
-        path, overrides = split_argv(argv)
-        config = load_config(path, overrides)
-        if not config.workdir:
-            raise ConfigError("workdir: must be set (workdir=PATH)")
-        from fusion_jax.experiment import build_experiment
-
-        exp = build_experiment(config)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from fusion_jax.training import train
-
-    log = logging.getLogger("train")
-    log.warning("training %s (%s, %s, trainable=%s) in %s", config.model.unet_preset or config.model.pipeline,
-                config.objective.name, config.data.source, config.train.trainable, config.workdir)
-    try:
-        result = train(config, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory, config.workdir,
-                       pretrained=exp.pretrained,
-                       trainable=exp.trainable)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    state = "preempted" if result.preempted else "finished"
-    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
-    print(f"{state} at step {result.step}{resumed}; checkpoints in {os.path.join(config.workdir, 'checkpoints')}",
-          flush=True)
-    return 0
-
+from fusion_jax.cli.train import *  # noqa: E402,F401,F403  (tests load this file and call main / helpers)
+from fusion_jax.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(main(sys.argv[1:]))

@@ -134,9 +134,10 @@ def build_app(engine, steps: Optional[int] = None):
                     "first time (slow on CPU); prompts, seeds, photos, boxes and strengths reuse it.")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown("Upload photos (or none, for text-to-image) and press Generate.", elem_id="status")
-        crops = gr.Gallery(label="Aligned reference crops (what the face detector found)", columns=8, height=160,
-                           elem_id="crops", format="png")
-        results = gr.Gallery(label="Results (PNG with the settings inside)", columns=4, elem_id="results")
+        crops = gr.Gallery(label="Aligned reference crops (what the face detector found)", columns=8, height=180,
+                           fit_columns=False, object_fit="contain", elem_id="crops", format="png")
+        results = gr.Gallery(label="Results (PNG with the settings inside)", columns=4, height=360, fit_columns=False,
+                             object_fit="contain", elem_id="results")
         history = gr.State([])
 
         flat_people = [c for person in people for c in person]

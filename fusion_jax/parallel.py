@@ -318,15 +318,36 @@ def distributed_requested(mode: str = "auto", environ: Optional[dict] = None) ->
 _initialized = False
 
 
+def _backend_initialized() -> bool:
+    """Whether an XLA backend exists already (then `jax.distributed.initialize()` can no longer run)."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - layout of jax changed
+        return False
+    check = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(check()) if check is not None else False
+
+
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
     """Calls `jax.distributed.initialize()` once when `distributed_requested(mode)`; returns whether it did.
 
-    Must run before anything touches devices. Coordinator address, process count and id come from the
-    environment (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) or jax's cluster auto-detection.
+    Must run before anything touches devices: entry points call it right after reading the config and
+    before building models or data (`train/train.py`, `python -m fusion_jax.training`); `train()` calls it
+    again (a no-op then). Coordinator address, process count and id come from the environment
+    (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) or jax's cluster auto-detection (TPU pod,
+    SLURM). On CPU, cross-process collectives go through gloo (`jax_cpu_collectives_implementation`): without
+    it a multi-process CPU job has no all-reduce (tests run 2 processes x 4 fake CPU devices this way).
     """
     global _initialized
     if _initialized or not distributed_requested(mode):
         return False
+    if _backend_initialized():
+        raise RuntimeError(
+            f"distributed={mode}: jax.distributed.initialize() must run before any JAX call that creates the "
+            "XLA backend (jax.devices(), an array, a jit), but something already did. Call "
+            "fusion_jax.parallel.maybe_initialize_distributed(config.distributed) first in the entry point, "
+            "before building the experiment (train/train.py does)."
+        )
     kwargs = {}
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
@@ -334,6 +355,8 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
             kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
         if os.environ.get("JAX_PROCESS_ID"):
             kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     _initialized = True
     log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())

@@ -33,8 +33,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         config = load_config(path, overrides)
         if not config.workdir:
             raise ConfigError("workdir: must be set (workdir=PATH)")
-        from fusion_jax.experiment import build_experiment
+        from fusion_jax.experiment import build_experiment, check_config
+        from fusion_jax.parallel import maybe_initialize_distributed
 
+        check_config(config)  # cheap, touches no device: config mistakes surface before the processes meet
+        # Multi-process runs (distributed=on, or a coordinator / pod / SLURM environment): before anything
+        # below creates the XLA backend (loading the base weights does), or jax.distributed cannot start.
+        maybe_initialize_distributed(config.distributed)
         exp = build_experiment(config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -22,6 +22,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from fusion_jax.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed(config.distributed)  # first JAX work of a multi-process run (see parallel.py)
     from fusion_jax.training.loop import train
     from fusion_jax.training.synthetic import SyntheticBatches
     from fusion_jax.training.tiny import BATCH_SPEC, make_tiny_model, tiny_loss

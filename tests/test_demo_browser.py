@@ -6,7 +6,8 @@ Playwright's Python API with `executable_path`, so nothing is downloaded at test
 install`). The test uploads a photo, presses Generate and waits for the image in the results gallery (then fetches
 it over HTTP as the browser does and reads the settings in the PNG); uploads a photo without a face and a 50 MB
 file, each giving its message in the page; and makes a second good request, whose image joins the gallery while
-the server process is still the same one. Screenshots of the good and the error states go to a folder under
+the server process is still the same one; and draws a stroke on the box canvas, which fills the box field.
+Screenshots of the good and the error states go to a folder under
 tmp_path, printed at the end (`pytest -s` shows it).
 
 Cost: one compile of the tiny generator (2 steps, 32x32; the server shares the test session's JAX compilation
@@ -152,6 +153,24 @@ def test_upload_generate_and_bad_uploads_in_chromium(server, photos, tmp_path):
             expect(results).to_have_count(2, timeout=120_000)
             assert _png_settings(results.first.get_attribute("src"))["seed"] == 1  # newest first
             page.screenshot(path=str(shots / "3_second_request.png"), full_page=True)
+
+            # 4. a box drawn on person 1's canvas fills the box field: a stroke through the canvas centre
+            page.get_by_text("Draw the box instead").first.click()
+            canvas = page.locator("#draw1 canvas").first
+            canvas.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)  # the canvas lays out the background image
+            frame = canvas.bounding_box()
+            cx, cy = frame["x"] + frame["width"] / 2, frame["y"] + frame["height"] / 2
+            page.mouse.move(cx - 30, cy - 30)
+            page.mouse.down()
+            for f in range(1, 11):
+                page.mouse.move(cx - 30 + 5.4 * f, cy - 30 + 4.5 * f)
+            page.mouse.up()
+            box_field = page.locator("#box1 textarea")
+            expect(box_field).not_to_have_value("", timeout=30_000)
+            x0, y0, x1, y1 = (float(v) for v in box_field.input_value().split(","))
+            assert 0 <= x0 < 0.5 < x1 <= 1 and 0 <= y0 < 0.5 < y1 <= 1 and x1 - x0 < 0.9, (x0, y0, x1, y1)
+            page.screenshot(path=str(shots / "4_drawn_box.png"), full_page=True)
         finally:
             browser.close()
     assert proc.poll() is None, "the demo server died"

@@ -111,7 +111,8 @@ def build_app(engine, steps: Optional[int] = None):
                         editor = gr.ImageEditor(value=canvas, type="numpy", sources=(), transforms=(), layers=False,
                                                 brush=gr.Brush(colors=["#e0218a"], default_size=12),
                                                 label="Paint over where this person goes", elem_id=f"draw{k + 1}")
-                    editor.change(lambda v, old: handlers.box_from_drawing(v) or old, [editor, box], box,
+                    # `input` fires after each stroke in Gradio 6 (`change` only when the value is set by code)
+                    editor.input(lambda v, old: handlers.box_from_drawing(v) or old, [editor, box], box,
                                   queue=False)
                     people.append((files, box, strength))
         with gr.Row():

@@ -24,7 +24,7 @@ from fusion_jax.demo import handlers
 from fusion_jax.demo.engine import DemoConfig, DemoEngine, DemoError, PersonRequest, pad_reference_set
 from fusion_jax.demo.uploads import UploadLimits
 
-STEPS = 2
+STEPS = 2  # with the page's default guidance (7.5, 2.0): the settings of tests/test_demo_browser.py (shared compile)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def engine(tmp_path_factory):
 def _generate(engine, history, people, seed=3, prompt="a person on the moon"):
     """One Generate click with the page's values: people = [(files, box, strength)] for both slots."""
     people = list(people) + [(None, "", 1.0)] * (2 - len(people))
-    return handlers.generate(engine, history, prompt, "blurry", "face_fusion", STEPS, seed, 5.0, 3.0,
+    return handlers.generate(engine, history, prompt, "blurry", "face_fusion", STEPS, seed, 7.5, 2.0,
                              "disentangled", "ddim", people)
 
 
@@ -81,8 +81,8 @@ def test_good_request_matches_direct_generate_and_stores_settings(engine, photos
     refs = np.stack([_crop(astro, 32), _crop(mirror, 32), _crop(mirror, 32), _crop(mirror, 32)])[None, None]
     np.testing.assert_allclose(np.stack([c for c, _ in crops]).astype(np.float32) / 127.5 - 1, refs[0, 0, :2],
                                atol=1e-6)
-    cfg = sampling.SamplingConfig(num_steps=STEPS, guidance_scale=5.0, height=32, width=32,
-                                  reference_guidance="disentangled", reference_guidance_scale=3.0)
+    cfg = sampling.SamplingConfig(num_steps=STEPS, guidance_scale=7.5, height=32, width=32,
+                                  reference_guidance="disentangled", reference_guidance_scale=2.0)
     direct = np.asarray(sampling.generate(
         pipeline, sampling.tokenize(pipeline, ["a person on the moon"]), uncond_ids=sampling.tokenize(pipeline, ["blurry"]),
         key=jax.random.fold_in(jax.random.key(3), 0), cfg=cfg, references=refs,
@@ -93,8 +93,8 @@ def test_good_request_matches_direct_generate_and_stores_settings(engine, photos
 
     settings = cli_utils.read_png_settings(path)
     assert settings["prompt"] == "a person on the moon" and settings["negative_prompt"] == "blurry"
-    assert settings["seed"] == 3 and settings["steps"] == STEPS and settings["guidance"] == 5.0
-    assert settings["sampling"]["reference_guidance_scale"] == 3.0 and settings["reference_strength"] == [
+    assert settings["seed"] == 3 and settings["steps"] == STEPS and settings["guidance"] == 7.5
+    assert settings["sampling"]["reference_guidance_scale"] == 2.0 and settings["reference_strength"] == [
         pytest.approx(0.8)]
     assert [(r["identity"], r["path"]) for r in settings["references"]] == [(0, "astronaut.png"), (0, "mirror.jpg")]
     assert settings["identity_method"] == "face_fusion" and settings["face_detector"] == "opencv"

@@ -168,8 +168,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         protocol = load_protocol(resolve_config(args.protocol), _overrides(args.set))
-    except (ConfigNotFound, ValueError) as e:
+    except ConfigNotFound as e:
         raise SystemExit(f"--protocol: {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     prompts = read_prompts(args.prompts) if args.prompts is not None else list(protocol.prompts)
     try:
         dataset.scan_folder(args.data)  # folder errors before any model loads

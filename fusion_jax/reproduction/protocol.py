@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from fusion_jax import config as config_lib
 
@@ -40,7 +40,7 @@ class ProtocolConfig:
     recognizer_note: str = ""  # the recognizer the paper used (ours is named by --recognizer)
     clip_note: str = ""  # the CLIP model the paper used, and how its CLIP column is scaled
     fid_note: str = ""  # what the paper computed FID against; ours: generated vs all usable photos of --data
-    published: list[dict] = dataclasses.field(default_factory=list)  # rows: method, source, recognizer, columns
+    published: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rows: method, source, recognizer, columns
 
     def __post_init__(self):
         where = f"protocol {self.name!r}"
@@ -82,7 +82,9 @@ def load_protocol(path: str | Path, overrides: dict | None = None) -> ProtocolCo
         raise ValueError(f"--protocol {path}: not valid YAML ({e})") from e
     data.update(overrides or {})
     try:
-        return config_lib.from_dict(ProtocolConfig, data, where=str(path))
-    except (config_lib.ConfigError, ValueError, TypeError) as e:
+        return config_lib.from_dict(ProtocolConfig, data, where=f"--protocol {path}")
+    except config_lib.ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
         raise ValueError(f"--protocol {path}: {e}") from e
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import skimage.data
 
-from data_helpers import reference_embedding, write_tiny_detector, write_tiny_recognition
+from data_helpers import (blob_face_landmarks, blob_photo, reference_embedding, write_tiny_detector,
+                          write_tiny_insightface_models, write_tiny_recognition)
 from fusion_jax.data.faces import FaceAnalyzer, FaceAnalyzerConfig, align_face
-from fusion_jax.reproduction import face_metric, stats
+from fusion_jax.reproduction import dataset, face_metric, harness, protocol, stats
 
 
 def test_identity_scores_match_closed_form():
@@ -157,3 +158,51 @@ def test_bad_recognizer_values_name_the_path(tmp_path):
     (tmp_path / "bad" / "x.onnx").write_bytes(b"not onnx")
     with pytest.raises(face_metric.RecognizerError, match=r"x.onnx: cannot open as an ONNX model"):
         face_metric.FaceMetric(tmp_path / "bad")
+
+
+def test_face_metric_with_insightface_detector_folder(tmp_path):
+    """A buffalo_l-like folder (SCRFD-layout detector + recognizer): insightface detects, landmarks place the crop."""
+    from insightface.utils import face_align
+
+    metric = face_metric.FaceMetric(write_tiny_insightface_models(tmp_path / "models"), det_size=(256, 256))
+    assert metric.detector_name == "insightface det_tiny.onnx" and "w_tiny.onnx" in metric.name
+    small, large = ((416, 416), 128), ((192, 192), 256)
+    image = blob_photo(512, [(small[0], small[1], (255, 255, 225)), (large[0], large[1], (255, 255, 255))])
+    found = metric.analyze_all(image, limit=2)
+    assert len(found) == 2
+    for face, (centre, side) in zip(found, [large, small]):  # largest first
+        expected = reference_embedding(face_align.norm_crop(image, blob_face_landmarks(centre, side), 112))
+        assert float(face.embedding @ expected) > 0.999  # detector landmarks within a pixel of the true ones
+    assert metric.analyze(image).box[2] - metric.analyze(image).box[0] == pytest.approx(256, abs=2)
+
+
+def test_two_person_assignment_picks_each_persons_face():
+    """Each person gets the detected face closest to their references; a missing face leaves one person out."""
+    e = np.eye(4)
+    faces_cache = {"a/r.png": dataset.PhotoFace("a/r.png", True, embedding=e[0]),
+                   "b/r.png": dataset.PhotoFace("b/r.png", True, embedding=e[1])}
+    plan = dataset.DataPlan([], [], {}, {})
+    plan.faces = faces_cache
+    people = [dataset.IdentitySplit("a", ["a/r.png"], []), dataset.IdentitySplit("b", ["b/r.png"], [])]
+    face = lambda v: face_metric.FaceResult(np.zeros(4), np.zeros((2, 2, 3), np.uint8), np.asarray(v, float))  # noqa
+    assert harness._assign_faces([face(0.9 * e[1] + 0.1 * e[2]), face(e[0])], people, plan) == [1, 0]
+    assert harness._assign_faces([face(e[1])], people, plan) == [None, 0]
+    assert harness._assign_faces([face(e[0])], people, plan) == [0, None]
+    assert harness._assign_faces([], people, plan) == [None, None]
+    assert harness._assign_faces([face(e[2]), face(e[0])], people[:1], plan) == [1]
+
+
+def test_shipped_protocols_load_with_published_rows():
+    from fusion_jax.config_files import resolve_config
+
+    names = ["flashface_table1", "single_reference", "pulid_unsplash50", "two_person"]
+    loaded = {n: protocol.load_protocol(resolve_config(f"reproduce/{n}")) for n in names}
+    table1 = loaded["flashface_table1"]
+    assert table1.num_references == 4 and table1.photos_needed == 5
+    assert {r["method"]: (r["sim_target"], r["clip_t"], r["fid"]) for r in table1.published} == {
+        "IP-Adapter": (25.7, 57.5, 121.1), "PhotoMaker": (40.0, 72.1, 84.2), "InstantID": (52.6, 62.7, 106.8),
+        "FlashFace": (56.1, 74.2, 85.5)}  # the issue's quote of FlashFace Table 1
+    assert all(r["recognizer"] == "ArcFace-R101" for r in table1.published)
+    assert loaded["two_person"].people_per_image == 2
+    with pytest.raises(ValueError, match="published\\[0\\] has unknown key 'simtarget'"):
+        protocol.ProtocolConfig(published=[{"method": "x", "simtarget": 1.0}])

@@ -76,11 +76,11 @@ class FaceMetric:
     """Largest face of an image -> aligned crop and unit-length embedding, or None when no face is found."""
 
     def __init__(self, recognizer: str | Path, *, providers=("CPUExecutionProvider",), det_thresh: float = 0.5,
-                 flag: str = "--recognizer"):
+                 det_size: tuple[int, int] = (640, 640), flag: str = "--recognizer"):
         self.recognizer, detector_file = find_models(Path(recognizer), providers, flag)
         if detector_file is not None:
             cfg = FaceAnalyzerConfig(model_dir=str(Path(recognizer).expanduser()), backend="insightface",
-                                     det_thresh=det_thresh, providers=tuple(providers))
+                                     det_thresh=det_thresh, det_size=tuple(det_size), providers=tuple(providers))
             self.detector_name = f"insightface {detector_file.name}"
         else:
             cfg = FaceAnalyzerConfig(backend="opencv")

@@ -234,3 +234,18 @@ def test_load_errors_name_the_file(tmp_path):
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "w.pth")
     with pytest.raises(ValueError, match="refusing to unpickle"):
         inception.load_fid_inception(tmp_path / "w.pth")
+
+
+def test_convert_pth_to_safetensors_round_trip(tmp_path):
+    """A trusted .pth (the published file's format) converts once to safetensors holding the same tensors."""
+    torch_model = _randomize(TorchFIDInception(DIV), seed=1)
+    torch.save(torch_model.state_dict(), tmp_path / "pt_inception.pth")
+    assert inception.main(["convert", str(tmp_path / "pt_inception.pth"), str(tmp_path / "w.safetensors")]) == 0
+    from safetensors.numpy import load_file
+
+    converted = load_file(str(tmp_path / "w.safetensors"))
+    expected = {k: v.numpy() for k, v in torch_model.state_dict().items()
+                if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
+    assert set(converted) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(converted[k], v)

@@ -319,3 +319,21 @@ def fid_features(model: FIDInceptionV3, images: np.ndarray, batch_size: int = 16
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.uint8)])
         out.append(np.asarray(run(state, jnp.asarray(chunk)), np.float64)[: batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0, model.config.feature_dim))
+
+
+def main(argv=None) -> int:
+    """`python -m fusion_jax.models.inception convert pt_inception-2015-12-05-6726825d.pth OUT.safetensors`"""
+    import argparse
+
+    p = argparse.ArgumentParser(description="convert pytorch-fid's FID Inception .pth (trusted; unpickled once) to "
+                                            "safetensors")
+    p.add_argument("command", choices=["convert"])
+    p.add_argument("pth", type=Path, help="pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("out", type=Path, help="output .safetensors")
+    args = p.parse_args(argv)
+    print(f"wrote {convert_fid_weights(args.pth, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -303,6 +303,7 @@ def measure_missing(spec: RunSpec, jobs: list[Job], models: MetricModels, plan, 
     from PIL import Image
     from tqdm import tqdm
 
+    from fusion_jax import cli_utils
     from fusion_jax.models.inception import fid_features
 
     todo = [j for j in jobs if not (spec.run_dir / "measure" / f"{j.stem}.json").is_file()]
@@ -325,7 +326,9 @@ def measure_missing(spec: RunSpec, jobs: list[Job], models: MetricModels, plan, 
                     face = faces[face_index]
                     crop_path = spec.run_dir / "faces" / f"{j.stem}_{idx}.png"
                     crop_path.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(face.crop).save(crop_path)
+                    cli_utils.save_png(crop_path, face.crop, {
+                        "image": f"{j.stem}.png", "identity": person.name, "face_box": face.box.tolist(),
+                        "recognizer": models.names["recognizer"], "meaningless_metrics": models.meaningless})
                     refs = np.stack([plan.faces[p].embedding for p in person.references])
                     targets = np.stack([plan.faces[p].embedding for p in person.targets])
                     row.update(identity_scores(face.embedding, refs, targets))

@@ -42,10 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help='JSONL file, one {"prompt": ..., "negative_prompt": ...} per line')
     p.add_argument("--negative-prompt", default="", help="negative prompt for prompts that have none")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default {DEFAULT_STEPS}, or the identity method's own, e.g. FaceStudio 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp_2m", "euler", "euler_ancestral"])
+    p.add_argument("--scheduler", default=None, choices=["ddim", "dpmpp_2m", "euler", "euler_ancestral"],
+                   help=f"sampler (default {DEFAULT_SCHEDULER}, or the identity method's own, e.g. FaceStudio "
+                        "euler_ancestral)")
+    p.add_argument("--init-image", type=Path, default=None,
+                   help="img2img: start from this image (centre crop, resized to the output size) noised to "
+                        "--init-strength of the schedule")
+    p.add_argument("--init-strength", type=float, default=0.8,
+                   help="img2img: fraction of the schedule re-run from the noised --init-image (0 < S <= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (different seeds)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -78,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in _method_names():  # each method's own flags, in its own group
         _method(name).add_arguments(p.add_argument_group(f"identity method {name}"))
     return p.parse_args(argv)
+
+
+DEFAULT_STEPS, DEFAULT_SCHEDULER = 30, "ddim"
+# SamplingConfig fields an identity method may default (`sampling_defaults`) -> the flag that overrides them
+_METHOD_DEFAULT_FLAGS = {"num_steps": "steps", "scheduler": "scheduler"}
 
 
 def _method_names() -> tuple[str, ...]:
@@ -179,8 +192,12 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
         warnings.warn("references given without --identity-weights: the identity modules are fresh and UNTRAINED "
                       "(the references will not produce a likeness; export a trained run with train/export.py)",
                       stacklevel=2)
+    defaults = {k: v for k, v in method.sampling_defaults(method_cfg).items()
+                if k in _METHOD_DEFAULT_FLAGS and getattr(args, _METHOD_DEFAULT_FLAGS[k]) is None}
     try:
+        cfg = dataclasses.replace(cfg, **defaults)
         method_cfg, cfg = method.apply_arguments(args, method_cfg, cfg)
+        pipeline = dataclasses.replace(pipeline, unet=method.prepare_model(pipeline.unet, method_cfg))
     except ValueError as e:
         raise SystemExit(str(e)) from None
     size = args.reference_size or method.reference_size(method_cfg) or max(cfg.height, cfg.width)
@@ -239,10 +256,10 @@ def main(argv=None) -> int:
     sample = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
         cfg = sampling.SamplingConfig(
-            num_steps=args.steps,
+            num_steps=args.steps or DEFAULT_STEPS,
             guidance_scale=args.guidance,
             guidance_rescale=args.guidance_rescale,
-            scheduler=args.scheduler,
+            scheduler=args.scheduler or DEFAULT_SCHEDULER,
             height=args.height or sample,
             width=args.width or sample,
             reference_guidance=args.guidance_form,
@@ -256,6 +273,23 @@ def main(argv=None) -> int:
     if groups:
         pipeline, identity, identity_meta = prepare_references(args, pipeline, cfg, groups, boxes, strengths)
         cfg = identity["sampling_cfg"]
+    init_images = None
+    if args.init_image is not None:
+        import dataclasses
+
+        from fusion_jax.data.images import read_centre_crop
+
+        try:
+            cfg = dataclasses.replace(cfg, init_strength=args.init_strength)
+            init = read_centre_crop(args.init_image, cfg.height, cfg.width, what="--init-image") * 2.0 - 1.0
+        except ValueError as e:
+            raise SystemExit(str(e).replace("init_strength", "--init-strength")) from None
+        init_images = np.broadcast_to(init[None], (args.batch_size,) + init.shape)
+        from fusion_jax import schedulers
+
+        if not schedulers.make_sampler(cfg.scheduler, pipeline.schedule, cfg.num_steps).supports_partial:
+            raise SystemExit(f"--init-image: the {cfg.scheduler} sampler cannot start part-way; use --scheduler "
+                             "ddim, euler or euler_ancestral")
     jobs = [(item, k) for item in items for k in range(args.num_images)]
     images, names = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch"):
@@ -264,14 +298,18 @@ def main(argv=None) -> int:
         prompts = [j[0]["prompt"] for j in chunk] + [""] * pad
         negatives = [j[0]["negative_prompt"] for j in chunk] + [""] * pad
         key = jax.random.fold_in(jax.random.key(args.seed), start)
-        batch = sampling.generate(
-            pipeline,
-            sampling.tokenize(pipeline, prompts),
-            uncond_ids=sampling.tokenize(pipeline, negatives),
-            key=key,
-            cfg=cfg,
-            **_batch_identity(identity, args.batch_size),
-        )
+        try:
+            batch = sampling.generate(
+                pipeline,
+                sampling.tokenize(pipeline, prompts),
+                uncond_ids=sampling.tokenize(pipeline, negatives),
+                key=key,
+                cfg=cfg,
+                init_images=init_images,
+                **_batch_identity(identity, args.batch_size),
+            )
+        except ValueError as e:  # bad combinations the sampler finds (shapes, img2img twice...)
+            raise SystemExit(f"cannot generate: {e}") from None
         batch = np.asarray(batch)[: len(chunk)]
         for (item, k), image in zip(chunk, batch):
             index = len(names)

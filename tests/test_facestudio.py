@@ -171,9 +171,16 @@ def test_reconstruction_loss_trains_only_the_preset():
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(g)}
     assert set(flat) == chosen["adapter"]
     assert float(jnp.abs(flat["facestudio.fuse.kernel"].get_value()).sum()) > 0
-    with pytest.raises(ValueError, match="style_embedding' or 'style_image"):
+    with pytest.raises(ValueError, match="'style_embedding', 'style_image' or 'masked_target'"):
         method.loss(model, {k: v for k, v in batch.items() if k != "style_image"}, jax.random.key(0),
                     NoiseSchedule(), CFG)
+    # the image stream's face-masked target: encoded in the step = the same pixels given as 'style_image'
+    masked = rng.uniform(-1, 1, (2, 48, 48, 3)).astype(np.float32)
+    no_style = {k: v for k, v in batch.items() if k != "style_image"}
+    from_stream = method.loss(model, {**no_style, "masked_target": masked}, jax.random.key(0), NoiseSchedule(), CFG)
+    pixels = (jax.image.resize((masked + 1) / 2, (2, 32, 32, 3), "bicubic", antialias=True) - fs.CLIP_MEAN) / fs.CLIP_STD
+    direct = method.loss(model, {**no_style, "style_image": pixels}, jax.random.key(0), NoiseSchedule(), CFG)
+    np.testing.assert_allclose(float(from_stream[0]), float(direct[0]), rtol=1e-6)
 
 
 def test_method_flags_bad_input_and_export(tmp_path):

@@ -316,3 +316,25 @@ def test_preencode_command_line_on_synthfaces(tmp_path):
     stored = PreencodedSource(str(out))
     np.testing.assert_array_equal(stored.identities, [0, 0, 1, 1])
     assert np.isfinite(stored.arrays["latent_mean"]).all() and np.abs(stored.arrays["text_embedding"]).sum() > 0
+
+
+def test_masked_target_and_stored_face_embedding():
+    """The token methods' fields: `masked_target` is the target with its face box mid-grey (128, i.e. ~0.0) and nothing else
+    changed; `face_embedding` is the target photo's stored ArcFace embedding (zeros, has_face_embedding False,
+    for photos stored without one)."""
+    from fusion_jax.data.sources import InMemoryFaceSource
+
+    plain = make_source(height=32, width=32)
+    rng = np.random.default_rng(7)
+    embeddings = {i: rng.standard_normal(512).astype(np.float32) for i in range(len(plain)) if i % 2 == 0}
+    records = [dict(plain[i], embedding=embeddings.get(i, np.zeros(512, np.float32)),
+                    has_embedding=np.bool_(i in embeddings)) for i in range(len(plain))]
+    config = dataclasses.replace(BASE, random_crop=False, flip=False)
+    batch = take(make_pipeline(InMemoryFaceSource(records), config), 1)[0]
+    inside = batch["face_mask"][..., 0] > 0
+    np.testing.assert_allclose(batch["masked_target"][inside], 128 / 127.5 - 1.0, atol=1e-6)  # float32 rounding
+    np.testing.assert_array_equal(batch["masked_target"][~inside], batch["target"][~inside])
+    for b, index in enumerate(batch["source_index"]):
+        assert batch["has_face_embedding"][b] == (int(index) in embeddings)
+        np.testing.assert_array_equal(batch["face_embedding"][b], embeddings.get(int(index), np.zeros(512)))
+    assert batch["face_embedding"].dtype == np.float32

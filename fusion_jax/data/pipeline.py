@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from fusion_jax.data.configs import PipelineConfig
+from fusion_jax.data.faces import EMBEDDING_DIM
 from fusion_jax.data.sources import FaceSource, caption_text, photos_by_identity
 
 # Salt mixed into every per-example seed, so pipeline draws never coincide with other users of `seed`.
@@ -152,6 +153,18 @@ def make_reference(crop: np.ndarray, config: PipelineConfig, rng: np.random.Gene
         if config.color_jitter > 0:
             crop = _color_jitter(crop, rng, config.color_jitter)
     return np.ascontiguousarray(crop)
+
+
+def record_embedding(record: dict) -> tuple[np.ndarray, np.bool_]:
+    """A record's stored ArcFace embedding (512,) float32 and whether it has one (built datasets store it when the
+    builder had the recognition model; sources without one give zeros, the 'no face' input of the token methods)."""
+    emb = record.get("embedding")
+    if emb is None or not bool(record.get("has_embedding", True)):
+        return np.zeros(EMBEDDING_DIM, np.float32), np.bool_(False)
+    emb = np.asarray(emb, np.float32)
+    if emb.shape != (EMBEDDING_DIM,):
+        raise ValueError(f"record embedding has shape {emb.shape}, expected ({EMBEDDING_DIM},)")
+    return emb, np.bool_(True)
 
 
 def reference_crop(source: FaceSource, index: int) -> np.ndarray:
@@ -297,13 +310,16 @@ class FaceBatchIterator(PositionStream):
     """Iterator of host batches (dicts of NumPy arrays) with a checkpointable position.
 
     Batch fields: `target` float32 (B, R, R, 3) in [-1, 1]; `references` float32 (B, N, S, S, 3) in
-    [-1, 1]; `face_mask` float32 (B, R, R, 1); `caption` str (B,); `input_ids` int32 (B, L) with a
+    [-1, 1]; `face_mask` float32 (B, R, R, 1); `masked_target` float32 (B, R, R, 3) in [-1, 1] (the target with
+    its face box filled with mid-grey: FaceStudio's style input); `face_embedding` float32 (B, 512) (the target
+    photo's stored ArcFace embedding, zeros where the source has none) and `has_face_embedding` bool (B,);
+    `caption` str (B,); `input_ids` int32 (B, L) with a
     tokenizer; `drop_text`, `drop_reference` bool (B,); `identity` int64 (B,); `num_real_references`
     int32 (B,); `source_index` int64 (B,) and `reference_source_index` int64 (B, N) (source indices of
     the target and the references, for inspection).
     """
 
-    unit_range_fields = ("target", "references")
+    unit_range_fields = ("target", "references", "masked_target")
 
     def __init__(self, source: FaceSource, config: PipelineConfig, state: Optional[dict] = None):
         self.source, self.config = source, config
@@ -317,6 +333,8 @@ class FaceBatchIterator(PositionStream):
             ("caption", "string", ()), ("drop_text", "bool", ()), ("drop_reference", "bool", ()),
             ("identity", "int64", ()), ("num_real_references", "int32", ()), ("source_index", "int64", ()),
             ("reference_source_index", "int64", (N,)),
+            ("masked_target", "uint8", (R, R, 3)), ("face_embedding", "float32", (EMBEDDING_DIM,)),
+            ("has_face_embedding", "bool", ()),
         ]
 
     def load_example(self, position: int) -> tuple:
@@ -327,12 +345,15 @@ class FaceBatchIterator(PositionStream):
         drop_text = rng.random() < config.p_drop_text
         drop_reference = rng.random() < config.p_drop_reference
         target, box = make_target(record, config, rng)
+        mask = box_mask(box, config.resolution)
+        masked_target = np.where(mask > 0.5, np.uint8(128), target)  # 128 -> 0.004 in [-1, 1]
+        embedding, has_embedding = record_embedding(record)
         crops = {int(i): reference_crop(self.source, i) for i in np.unique(reference_indices)}
         references = np.stack([make_reference(crops[int(i)], config, rng) for i in reference_indices])
         return (
-            target, references, box_mask(box, config.resolution), caption_text(record["caption"]).encode("utf-8"),
+            target, references, mask, caption_text(record["caption"]).encode("utf-8"),
             np.bool_(drop_text), np.bool_(drop_reference), np.int64(record["identity"]), np.int32(num_real),
-            np.int64(target_index), reference_indices,
+            np.int64(target_index), reference_indices, masked_target, embedding, has_embedding,
         )
 
     def finish_batch(self, batch: dict) -> dict:

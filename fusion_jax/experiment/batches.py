@@ -97,7 +97,8 @@ def synthetic_spec(config: ExperimentConfig, method, *, vae_factor: int, unet_co
             floats["references"] = ((n, s, s, 3), -1.0, 1.0)
         ints = {"input_ids": ((text_len,), 0, vocab)}
     # the image stream's per-example fields a method may ask for (`data.pipeline` output signature)
-    stream_fields = {"face_mask": ((r, r, 1), 0.0, 1.0)}
+    stream_fields = {"face_mask": ((r, r, 1), 0.0, 1.0), "masked_target": ((r, r, 3), -1.0, 1.0),
+                     "face_embedding": ((512,), -0.1, 0.1)}
     for key in (method.batch_keys if method is not None else ()):
         if key not in stream_fields:
             raise ConfigError(f"data.source=synthetic cannot make the field {key!r} that objective.name="

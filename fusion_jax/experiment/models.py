@@ -120,8 +120,9 @@ def prepare_unet(unet: nnx.Module, config: ExperimentConfig, rngs: nnx.Rngs) -> 
     method = identity_method(config)
     if method is None:
         return unet
-    return method.attach(unet, identity_base.method_config(config, method), trainable=config.train.trainable,
-                         rngs=rngs)
+    cfg = identity_base.method_config(config, method)
+    model = method.attach(unet, cfg, trainable=config.train.trainable, rngs=rngs)
+    return method.prepare_model(model, cfg)  # frozen encoders the config names by folder
 
 
 def preset_owner(preset: str) -> Optional[identity_base.IdentityMethod]:

@@ -92,6 +92,11 @@ class IdentityMethod:
         """An nnx filter `(path, value) -> bool` over the identity model's params for one of `trainable_presets`."""
         raise NotImplementedError
 
+    def prepare_model(self, model, cfg):
+        """Attach the frozen encoders the config names by folder (a CLIP style encoder, a prior...) before
+        sampling or training; return the model (default: unchanged). Errors name the config key and folder."""
+        return model
+
     # ------------------------------------------------------------------------------------------- training
     def loss(self, model, batch: dict, rng: jax.Array, schedule, cfg) -> tuple[jax.Array, dict]:
         """`(loss, aux)` of one batch (the trainer's `loss_fn` contract)."""
@@ -137,6 +142,11 @@ class IdentityMethod:
         from fusion_jax import references
 
         return references.reference_set(groups, analyzer, size, margin)
+
+    def sampling_defaults(self, cfg) -> dict:
+        """`SamplingConfig` fields the method's paper samples with, used where the user gave none (e.g.
+        FaceStudio: Euler-ancestral, 25 steps); default: none (the generic defaults)."""
+        return {}
 
     def add_arguments(self, parser) -> None:
         """Method-specific flags of `infer/generate.py` (default: none)."""

@@ -75,7 +75,7 @@ class FaceStudioConfig:
     betas: tuple[float, ...] | None = None  # per-reference weights of e_f = sum_i beta_i e_f^i (None: 1/N); --beta
     style_image: str | None = None  # sampling: the style image file (None: no style, a zero embedding); --style-image
     face_embeddings: str | None = None  # sampling: .npy ArcFace embeddings (E,), (N, E) or (K, N, E); --face-embeddings
-    style_size: int = 224  # side the style image is resized to for the CLIP vision tower
+    style_size: int = 224  # side the style image is resized to (the attached CLIP tower's image_size wins)
     style_dropout: float = 0.64  # training: probability of dropping the style input (paper: 0.64)
     face_dropout: float = 0.1  # training: probability of dropping the face input (paper: 0.1)
     lora_rank: int = 4  # 'adapter+lora': rank of the LoRA adapters on the UNet attention
@@ -83,6 +83,12 @@ class FaceStudioConfig:
     #   one person drawn at random per image
     prior_steps: int = 25  # text_branch 'prior': UnCLIP sampling steps of the prior
     prior_guidance: float = 4.0  # text_branch 'prior': classifier-free guidance scale of the prior (Karlo: 4)
+    style_encoder: str | None = None  # folder of the CLIP vision tower with projection that encodes style images
+    #   (transformers layout: a CLIPVisionModelWithProjection or a whole CLIPModel); --style-encoder
+    prior: str | None = None  # text_branch 'prior': Karlo-style folder (prior/, prior_scheduler/, text_encoder/);
+    #   --prior
+    img2img: bool = False  # sampling: start from the style image's noised latents (SamplingConfig.init_strength
+    #   says how much of the schedule is re-run); --img2img-strength
 
     def __post_init__(self):
         if self.outside not in OUTSIDE:
@@ -182,14 +188,26 @@ def prior_text_embedding(model, input_ids, empty_ids, key, cfg: "FaceStudioConfi
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def blend_faces(face_embeds: jax.Array, betas=None) -> jax.Array:
-    """e_f = sum_i beta_i e_f^i over the reference axis: (..., N, E) -> (..., E); betas (N,) (default 1/N)."""
+def blend_faces(face_embeds: jax.Array, betas=None, valid=None) -> jax.Array:
+    """e_f = sum_i beta_i e_f^i over the reference axis: (..., N, E) -> (..., E); betas (N,) (default 1/N).
+
+    `valid` (..., N) bool drops padding references: their weight is 0 and the others are rescaled to the same
+    total (so the default 1/N becomes 1/(number of real photos)); a row with no valid reference gives zeros."""
     face_embeds = jnp.asarray(face_embeds)
     n = face_embeds.shape[-2]
     w = jnp.full((n,), 1.0 / n, jnp.float32) if betas is None else jnp.asarray(betas, jnp.float32)
     if w.shape != (n,):
         raise ValueError(f"facestudio.betas: {w.shape[0] if w.ndim == 1 else w.shape} weights for {n} references")
-    return jnp.einsum("...ne,n->...e", face_embeds.astype(jnp.float32), w)
+    if valid is None:
+        return jnp.einsum("...ne,n->...e", face_embeds.astype(jnp.float32), w)
+    valid = jnp.asarray(valid, bool)
+    if valid.shape != face_embeds.shape[:-1]:
+        raise ValueError(f"reference_valid {valid.shape} must match the embeddings' leading axes "
+                         f"{face_embeds.shape[:-1]}")
+    wv = jnp.where(valid, w, 0.0)
+    total = jnp.sum(wv, axis=-1, keepdims=True)
+    wv = wv * jnp.where(total > 0, jnp.sum(w) / jnp.where(total > 0, total, 1.0), 0.0)
+    return jnp.einsum("...ne,...n->...e", face_embeds.astype(jnp.float32), wv)
 
 
 def hybrid_embedding(adapter: FaceStudioAdapter, style_embeds: jax.Array, text_embeds: jax.Array,
@@ -205,10 +223,11 @@ def hybrid_embedding(adapter: FaceStudioAdapter, style_embeds: jax.Array, text_e
     return alpha * e_i.astype(jnp.float32) + (1.0 - alpha) * e_p.astype(jnp.float32)
 
 
-def hybrid_tokens(adapter: FaceStudioAdapter, style_embeds, text_embeds, face_embeds, alpha, betas=None
-                  ) -> tuple[jax.Array, jax.Array]:
+def hybrid_tokens(adapter: FaceStudioAdapter, style_embeds, text_embeds, face_embeds, alpha, betas=None,
+                  reference_valid=None) -> tuple[jax.Array, jax.Array]:
     """Per-identity tokens: style_embeds / text_embeds (B, style_dim) (shared by the K people of a row),
-    face_embeds (B, K, N, face_dim) -> tokens (B, K * num_tokens, D) and token identity (B, K * num_tokens)."""
+    face_embeds (B, K, N, face_dim) (`reference_valid` (B, K, N): padding references left out of the blend)
+    -> tokens (B, K * num_tokens, D) and token identity (B, K * num_tokens)."""
     face_embeds = jnp.asarray(face_embeds)
     if face_embeds.ndim != 4 or face_embeds.shape[-1] != adapter.face_dim:
         raise ValueError(f"face_embeds must be (B, K, N, {adapter.face_dim}), got {face_embeds.shape}")
@@ -217,7 +236,7 @@ def hybrid_tokens(adapter: FaceStudioAdapter, style_embeds, text_embeds, face_em
         if tuple(jnp.shape(x)) != (b, adapter.style_dim):
             raise ValueError(f"{name} must be (B={b}, {adapter.style_dim}), got {tuple(jnp.shape(x))} (the text "
                              "branch's width must equal the style embedding width facestudio.style_dim)")
-    e_f = blend_faces(face_embeds, betas).reshape(b * k, -1)
+    e_f = blend_faces(face_embeds, betas, reference_valid).reshape(b * k, -1)
     rep = lambda x: jnp.repeat(jnp.asarray(x, jnp.float32), k, axis=0)
     alpha = jnp.asarray(alpha, jnp.float32)
     e_g = hybrid_embedding(adapter, rep(style_embeds), rep(text_embeds), e_f, rep(alpha) if alpha.ndim else alpha)
@@ -228,7 +247,7 @@ def hybrid_tokens(adapter: FaceStudioAdapter, style_embeds, text_embeds, face_em
 
 
 def identity_context(model, style_embeds, text_embeds, face_embeds, alpha, *, betas=None, strength=1.0,
-                     region_masks=None) -> IdentityContext:
+                     region_masks=None, reference_valid=None) -> IdentityContext:
     """FaceStudio's IdentityContext: the hybrid tokens in every adapted layer's cross-attention slot."""
     from fusion_jax.identity.fusion import strength_array
 
@@ -237,7 +256,11 @@ def identity_context(model, style_embeds, text_embeds, face_embeds, alpha, *, be
         face_embeds = face_embeds[:, None, None]
     elif face_embeds.ndim == 3:
         face_embeds = face_embeds[:, None]
-    tokens, ids = hybrid_tokens(_adapter(model), style_embeds, text_embeds, face_embeds, alpha, betas)
+    if reference_valid is not None and face_embeds.ndim == 4 and jnp.ndim(reference_valid) == 3 \
+            and tuple(jnp.shape(reference_valid)) != face_embeds.shape[:3]:
+        reference_valid = None  # embeddings from a file with its own N: every one of them is real
+    tokens, ids = hybrid_tokens(_adapter(model), style_embeds, text_embeds, face_embeds, alpha, betas,
+                                reference_valid)
     layers = [n for n, b in model.transformer_blocks().items() if b.attn2.has_identity_slot]
     return IdentityContext(reference_tokens={n: tokens for n in layers}, token_identity={n: ids for n in layers},
                            strength=strength_array(strength, tokens.shape[0], face_embeds.shape[1]),
@@ -276,20 +299,27 @@ def style_embedding(model, pixels: jax.Array | None, batch: int) -> jax.Array:
     return emb.astype(jnp.float32)
 
 
+def clip_pixels(images: jax.Array, size: int) -> jax.Array:
+    """Images in [-1, 1] (B, H, W, 3) -> CLIP-normalised pixels (B, size, size, 3) (bicubic resize, antialiased
+    when shrinking): the style input of a training batch's `masked_target`, inside the jitted step."""
+    x = (jnp.asarray(images, jnp.float32) + 1.0) * 0.5
+    if x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bicubic", antialias=True)
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
 def load_style_image(path, size: int, *, what: str = "--style-image") -> np.ndarray:
     """A style image file -> (size, size, 3) CLIP-normalised float32 (resize of the centre square crop)."""
-    from PIL import Image, UnidentifiedImageError
+    from fusion_jax.data.images import read_centre_crop
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            s = min(w, h)
-            img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            arr = np.asarray(img.resize((size, size), Image.BICUBIC), np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"{what} {path}: cannot load the style image ({e})") from None
-    return (arr - CLIP_MEAN) / CLIP_STD
+    return (read_centre_crop(path, size, size, what) - CLIP_MEAN) / CLIP_STD
+
+
+def style_init_image(path, height: int, width: int, *, what: str = "facestudio.style_image") -> np.ndarray:
+    """The style image as an img2img start, (height, width, 3) in [-1, 1] (centre crop of that aspect)."""
+    from fusion_jax.data.images import read_centre_crop
+
+    return read_centre_crop(path, height, width, what) * 2.0 - 1.0
 
 
 def _adapter(model) -> FaceStudioAdapter:
@@ -353,8 +383,15 @@ def reconstruction_loss(model, batch: dict, rng: jax.Array, schedule, cfg: FaceS
         style = jnp.asarray(batch["style_embedding"], jnp.float32)
     elif "style_image" in batch:
         style = style_embedding(model, batch["style_image"], b)
+    elif "masked_target" in batch:  # the image stream's face-masked target, encoded here by the style encoder
+        encoder = _adapter(model).style_encoder
+        if encoder is None:
+            raise ValueError("facestudio loss: the batch's 'masked_target' needs the style encoder (set "
+                             "facestudio.style_encoder to a CLIP vision folder)")
+        style = style_embedding(model, clip_pixels(batch["masked_target"], encoder.config.image_size), b)
     else:
-        raise ValueError(f"facestudio loss: batch needs 'style_embedding' or 'style_image' (has {sorted(batch)})")
+        raise ValueError(f"facestudio loss: batch needs 'style_embedding', 'style_image' or 'masked_target' (has "
+                         f"{sorted(batch)})")
     k_t, k_noise, k_style, k_face = jax.random.split(rng, 4)
     t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype)
@@ -395,7 +432,7 @@ class FaceStudio(IdentityMethod):
     section = "facestudio"
     config_class = FaceStudioConfig
     trainable_presets = TRAINABLE
-    batch_keys = ("face_embedding", "style_embedding")
+    batch_keys = ("face_embedding", "masked_target")  # the image stream's; the style encoder runs in the step
     display_name = "FaceStudio"
 
     def attach(self, unet, cfg: FaceStudioConfig, *, trainable: str = "all", rngs=None):
@@ -405,6 +442,32 @@ class FaceStudio(IdentityMethod):
 
             attach_lora(unet, cfg.lora_rank, rngs=rngs)
         return unet
+
+    def prepare_model(self, model, cfg: FaceStudioConfig):
+        adapter = _adapter(model)
+        if cfg.style_encoder is not None and adapter.style_encoder is None:
+            from fusion_jax import encoders
+
+            try:
+                encoder = encoders.load_clip_vision(cfg.style_encoder)
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"facestudio.style_encoder {cfg.style_encoder}: cannot load the CLIP vision tower "
+                                 f"({e})") from e
+            width = getattr(encoder.config, "projection_dim", None) if hasattr(encoder, "visual_projection") else None
+            if width != cfg.style_dim:
+                raise ValueError(f"facestudio.style_encoder {cfg.style_encoder}: gives "
+                                 f"{'no projected image_embeds' if width is None else f'{width}-wide image_embeds'}, "
+                                 f"facestudio.style_dim is {cfg.style_dim}")
+            adapter.style_encoder = nnx.data(encoder)
+        if cfg.text_branch == "prior" and cfg.prior is not None and adapter.prior is None:
+            try:
+                load_prior_branch(model, cfg.prior, cfg)
+            except (OSError, KeyError) as e:
+                raise ValueError(f"facestudio.prior {cfg.prior}: cannot load the prior ({e})") from e
+        return model
+
+    def sampling_defaults(self, cfg):
+        return {"scheduler": "euler_ancestral", "num_steps": 25}  # the paper's sampler
 
     def trainable_filter(self, preset, cfg):
         return trainable_filter(preset)
@@ -432,8 +495,16 @@ class FaceStudio(IdentityMethod):
         out = {"face_embeds": jnp.asarray(emb),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
         if cfg.style_image is not None:
-            pixels = load_style_image(cfg.style_image, cfg.style_size, what="facestudio.style_image")
+            encoder = _adapter(model).style_encoder  # its own input size wins over facestudio.style_size
+            size = encoder.config.image_size if encoder is not None else cfg.style_size
+            pixels = load_style_image(cfg.style_image, size, what="facestudio.style_image")
             out["style_pixels"] = jnp.broadcast_to(jnp.asarray(pixels), (batch,) + pixels.shape)
+            if cfg.img2img:
+                init = style_init_image(cfg.style_image, *image_size)
+                out["init_images"] = jnp.broadcast_to(jnp.asarray(init), (batch,) + init.shape)
+        elif cfg.img2img:
+            raise ValueError("facestudio.img2img starts from the style image, and none was given "
+                             "(--style-image / facestudio.style_image)")
         if request.boxes is not None:
             boxes = np.asarray(request.boxes, np.float64)
             if boxes.ndim != 3 or boxes.shape[:2] != (batch, k):
@@ -455,7 +526,8 @@ class FaceStudio(IdentityMethod):
         if masks is not None and cfg.outside == "random":
             masks = fill_outside(masks, jax.random.fold_in(key, 11))
         return identity_context(model, style, text, inputs["face_embeds"], cfg.alpha, betas=cfg.betas,
-                                strength=inputs["strength"], region_masks=masks)
+                                strength=inputs["strength"], region_masks=masks,
+                                reference_valid=inputs.get("reference_valid"))
 
     def guided_prediction(self, model, cfg, sampling_cfg, cache, parts, x_in, t, step, key):
         from fusion_jax.sampling import identity_guided_prediction
@@ -485,6 +557,14 @@ class FaceStudio(IdentityMethod):
                             help="FaceStudio hybrid weight: 1 = style image branch only, 0 = text branch only")
         parser.add_argument("--beta", default=None,
                             help="FaceStudio per-reference weights B[,B...] of the blended face embedding")
+        parser.add_argument("--style-encoder", default=None,
+                            help="FaceStudio: CLIP vision folder that encodes --style-image (facestudio.style_encoder)")
+        parser.add_argument("--prior", default=None,
+                            help="FaceStudio: prior folder (Karlo layout) for the text branch; sets "
+                                 "facestudio.text_branch=prior")
+        parser.add_argument("--img2img-strength", type=float, default=None,
+                            help="FaceStudio img2img: start from the style image noised to this fraction of the "
+                                 "schedule (0 < S <= 1)")
         # ArcFace embeddings: --face-embeddings is declared by ip_adapter_faceid (one flag for both methods)
 
     def apply_arguments(self, args, cfg: FaceStudioConfig, sampling_cfg):
@@ -500,6 +580,22 @@ class FaceStudio(IdentityMethod):
             changes["alpha"] = float(args.alpha)
         if getattr(args, "beta", None) is not None:
             changes["betas"] = parse_betas(args.beta)
+        for flag, key in (("style_encoder", "--style-encoder"), ("prior", "--prior")):
+            value = getattr(args, flag, None)
+            if value is not None:
+                if not Path(value).is_dir():
+                    raise ValueError(f"{key} {value}: no such folder")
+                changes[flag] = str(value)
+        if getattr(args, "prior", None) is not None:
+            changes["text_branch"] = "prior"
+        strength = getattr(args, "img2img_strength", None)
+        if strength is not None:
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"--img2img-strength must be in (0, 1], got {strength}")
+            if changes.get("style_image", cfg.style_image) is None:
+                raise ValueError("--img2img-strength starts from the style image: give --style-image")
+            changes["img2img"] = True
+            sampling_cfg = dataclasses.replace(sampling_cfg, init_strength=float(strength))
         if getattr(args, "face_embeddings", None) is not None:
             from fusion_jax.identity import ip_adapter_faceid
 
@@ -511,4 +607,5 @@ class FaceStudio(IdentityMethod):
 __all__ = ["FaceStudio", "FaceStudioConfig", "FaceStudioAdapter", "attach_adapter", "attach_prior",
            "load_prior_branch", "prior_text_embedding", "fill_outside", "blend_faces", "hybrid_embedding",
            "hybrid_tokens", "identity_context", "pooled_text", "style_embedding", "load_style_image",
+           "style_init_image",
            "reconstruction_loss", "trainable_filter", "parse_betas"]

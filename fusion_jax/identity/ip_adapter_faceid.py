@@ -84,6 +84,8 @@ class IPAdapterFaceIDConfig:
     resampler_heads: int = 12  # Plus: attention heads of the resampler (64 channels each)
     shortcut: bool = False  # PlusV2: tokens = id tokens + s_scale * resampler output
     s_scale: float = 1.0  # PlusV2: the shortcut's scale (IP-Adapter's `s_scale`)
+    image_encoder: str | None = None  # Plus: folder of the CLIP ViT-H/14 image encoder (transformers layout, e.g.
+    #   the IP-Adapter repo's models/image_encoder); --image-encoder
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -835,6 +837,22 @@ class IPAdapterFaceID(IdentityMethod):
             return eps
         return identity_guided_prediction(model, x_in, t, parts.text_uncond, parts.text_cond, ctx, sampling_cfg)
 
+    def prepare_model(self, model, cfg):
+        if cfg.image_encoder is not None and getattr(model, "ip_image_encoder", None) is None:
+            if not is_plus(model):
+                raise ValueError(f"ip_adapter_faceid.image_encoder={cfg.image_encoder}: only FaceID-Plus adapters "
+                                 "read a CLIP image encoder; the loaded adapter is plain FaceID")
+            try:
+                attach_image_encoder(model, cfg.image_encoder)
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"ip_adapter_faceid.image_encoder {cfg.image_encoder}: cannot load the CLIP image "
+                                 f"encoder ({e})") from e
+            width = model.ip_image_encoder.config.hidden_size
+            if width != cfg.clip_dim:
+                raise ValueError(f"ip_adapter_faceid.image_encoder {cfg.image_encoder}: hidden width {width}, the "
+                                 f"adapter reads {cfg.clip_dim}-wide CLIP states (ViT-H/14)")
+        return model
+
     def export_tensors(self, model, cfg) -> dict[str, np.ndarray]:
         return adapter_tensors(model)
 
@@ -849,6 +867,8 @@ class IPAdapterFaceID(IdentityMethod):
                             help="FaceID-PlusV2: the shortcut scale s_scale (turns the PlusV2 shortcut on)")
         parser.add_argument("--face-embeddings", default=None,
                             help="ArcFace embeddings of the reference faces, a .npy (512,), (N, 512) or (K, N, 512)")
+        parser.add_argument("--image-encoder", default=None,
+                            help="FaceID-Plus: CLIP ViT-H/14 image encoder folder (ip_adapter_faceid.image_encoder)")
 
     def apply_arguments(self, args, cfg, sampling_cfg):
         changes = {}
@@ -863,6 +883,10 @@ class IPAdapterFaceID(IdentityMethod):
         if getattr(args, "face_embeddings", None) is not None:
             load_face_embeddings(args.face_embeddings, cfg.embedding_dim, what="--face-embeddings")
             changes["face_embeddings"] = str(args.face_embeddings)
+        if getattr(args, "image_encoder", None) is not None:
+            if not Path(args.image_encoder).is_dir():
+                raise ValueError(f"--image-encoder {args.image_encoder}: no such folder")
+            changes["image_encoder"] = str(args.image_encoder)
         return (dataclasses.replace(cfg, **changes) if changes else cfg), sampling_cfg
 
 

@@ -211,18 +211,27 @@ def test_fid_inception_matches_torch_reference(tmp_path):
 
 
 def test_full_width_checkpoint_layout_loads_shape_only():
-    """Every key of the full-width (real pt_inception-2015-12-05) state dict maps onto our network with its shape,
-    and the parameter count is that of the FID network without fc (checked shape-only: nothing runs)."""
+    """Every key of the full-width (real pt_inception-2015-12-05) state dict maps onto a parameter of our network with
+    the layout-converted shape, and nothing else is left (checked on shapes only: nothing is allocated or run)."""
     with torch.device("meta"):  # shapes only: no 23M-parameter random init
         torch_model = TorchFIDInception(1)
-    shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()
+              if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
     ours = nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0)))
-    tensors = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
-    assert inception.config_from_tensors(tensors).width_divisor == 1
-    weights.load_state_dict(ours, tensors, ignore=inception._SKIPPED_KEYS)  # raises on any missing / extra / shape
-    ours_keys = set(weights.torch_keys(ours))
-    expected_keys = {k for k in shapes if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
-    assert ours_keys == expected_keys
+    params = {tuple(str(getattr(p, "key", p)) for p in path): tuple(v.get_value().shape)
+              for path, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    assert inception.config_from_tensors({"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 3, 3))}).width_divisor == 1
+    mapped = set()
+    for key, shape in shapes.items():
+        parts = tuple(key.split("."))
+        if parts[-1] == "weight" and parts[-2] == "conv":  # Conv2d (O, I, kh, kw) -> our kernel (kh, kw, I, O)
+            ours_key, expected = parts[:-1] + ("kernel",), (shape[2], shape[3], shape[1], shape[0])
+        else:  # BatchNorm buffers and affine parameters keep torch's names and shapes
+            ours_key, expected = parts, shape
+        assert params.get(ours_key) == expected, key
+        mapped.add(ours_key)
+    assert mapped == set(params)  # no parameter of ours is missing from the checkpoint
+    assert sum(int(np.prod(s)) for s in shapes.values()) == sum(int(np.prod(s)) for s in params.values())
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -86,8 +86,10 @@ def _write_inception(path: Path, seed: int) -> None:
     cfg = inception.InceptionConfig(width_divisor=TINY_INCEPTION_DIVISOR)
     model = tiny.randomize_params(nnx.eval_shape(lambda: inception.FIDInceptionV3(cfg, rngs=nnx.Rngs(0))), seed)
     tensors = weights.state_dict(model)
-    for key in tensors:  # BatchNorm at identity-ish statistics (positive variances)
-        if key.endswith("running_var") or key.endswith("bn.weight"):
+    for key in tensors:  # He-scaled convs (ReLU halves the variance per layer) and BatchNorm at unit statistics
+        if key.endswith("conv.weight"):
+            tensors[key] = tensors[key] * np.float32(np.sqrt(2.0))
+        elif key.endswith("running_var") or key.endswith("bn.weight"):
             tensors[key] = np.ones_like(tensors[key])
         elif key.endswith("running_mean"):
             tensors[key] = np.zeros_like(tensors[key])

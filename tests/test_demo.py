@@ -84,7 +84,8 @@ def test_good_request_matches_direct_generate_and_stores_settings(engine, photos
     cfg = sampling.SamplingConfig(num_steps=STEPS, guidance_scale=7.5, height=32, width=32,
                                   reference_guidance="disentangled", reference_guidance_scale=2.0)
     direct = np.asarray(sampling.generate(
-        pipeline, sampling.tokenize(pipeline, ["a person on the moon"]), uncond_ids=sampling.tokenize(pipeline, ["blurry"]),
+        pipeline, sampling.tokenize(pipeline, ["a person on the moon"]),
+        uncond_ids=sampling.tokenize(pipeline, ["blurry"]),
         key=jax.random.fold_in(jax.random.key(3), 0), cfg=cfg, references=refs,
         reference_valid=np.array([[[True, True, False, False]]]), strength=np.float32([[0.8]]),
         identity_cfg=loaded.method_cfg))[0]

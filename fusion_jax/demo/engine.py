@@ -252,7 +252,7 @@ class DemoEngine:
             with self._detect_lock:
                 ref_set = m.reference_photos(groups, self.analyzer, size, self.config.reference_margin, cfg)
         except refs.ReferenceError as e:
-            raise UploadError(str(e).replace("--reference ", "photo ")) from None
+            raise UploadError(str(e).replace("--reference", "reference photos")) from None
         records = []
         for record in ref_set.records:
             record = dict(record)

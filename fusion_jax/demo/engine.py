@@ -198,6 +198,10 @@ class DemoEngine:
                         pipeline, self.config.identity_weights, self.config.dtype, method=name)
                 except SystemExit as e:  # the CLI helper reports bad flags by exiting: a message here
                     raise DemoError(str(e)) from None
+                try:  # the frozen encoders the method's config names by folder (as infer/generate.py does)
+                    pipeline = dataclasses.replace(pipeline, unet=m.prepare_model(pipeline.unet, cfg))
+                except ValueError as e:
+                    raise DemoError(str(e)) from None
                 loaded = _Loaded(pipeline, m, cfg, trained)
             self._loaded[key] = loaded
             return loaded

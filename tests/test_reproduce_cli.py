@@ -136,6 +136,14 @@ def test_rerun_computes_nothing(first_run, data_dir, prompts_file, capsys):
     assert image.stat().st_mtime_ns == before
 
 
+def test_resume_with_other_prompts_is_refused(first_run, data_dir, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "a portrait in the rain"}\n')
+    with pytest.raises(SystemExit, match=r"images/anna/p000_s0.png was generated with other settings \(prompt: "
+                                         r"'a photo of a person' now 'a portrait in the rain'\)"):
+        reproduce.main(_argv(data_dir, other, first_run))
+
+
 def test_bad_inputs_give_clear_errors(data_dir, prompts_file, tmp_path):
     base = ["--data", str(data_dir), "--method", "none", "--out", str(tmp_path / "o")]
     bad_prompts = tmp_path / "bad.jsonl"

@@ -211,6 +211,28 @@ def _reference_inputs(spec, job: Job, method, method_cfg, analyzer, size: int):
         raise HarnessError(f"{job.unit}: {e}") from e
 
 
+def check_existing(spec: RunSpec, jobs: list[Job]) -> None:
+    """An image already in OUT must be the one this run would make (same prompt, seed, references, model):
+    otherwise resuming would mix two experiments, so it is an error naming the file."""
+    from fusion_jax import cli_utils
+
+    for j in jobs:
+        path = spec.run_dir / "images" / f"{j.stem}.png"
+        if not path.is_file():
+            continue
+        try:
+            old = cli_utils.read_png_settings(path)
+        except (KeyError, OSError, ValueError):
+            continue  # an image placed by hand (no settings): taken as given
+        want = {"prompt": j.prompt, "seed": j.seed, "model": spec.model,
+                "references": [p for person in j.people for p in person.references]}
+        diff = sorted(k for k, v in want.items() if old.get(k) != v)
+        if diff:
+            raise HarnessError(f"--out {spec.out}: {path.relative_to(spec.out)} was generated with other settings "
+                               f"({', '.join(f'{k}: {old.get(k)!r} now {want[k]!r}' for k in diff)}); use another "
+                               "--out, or delete that run folder to regenerate it")
+
+
 def generate_missing(spec: RunSpec, jobs: list[Job], models: MetricModels) -> int:
     """Generate every job whose PNG is missing; returns how many were generated."""
     missing = [j for j in jobs if not (spec.run_dir / "images" / f"{j.stem}.png").is_file()]
@@ -355,6 +377,7 @@ def run(spec: RunSpec, models: MetricModels) -> dict[str, Any]:
     plan, analysed = prepare_data(spec, models)
     features = data_features(spec, models, plan)
     jobs = make_jobs(spec, plan)
+    check_existing(spec, jobs)  # before anything of this run is written
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / "run.json").write_text(json.dumps({
         "method": spec.method, "model": spec.model, "protocol": dataclasses.asdict(spec.protocol),

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from flax import nnx
 from safetensors.torch import save_file
 
-from fusion_jax import weights
 from fusion_jax.models import inception
 
 DIV = 16

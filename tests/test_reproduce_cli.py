@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,7 +80,8 @@ def test_outputs_exist_and_say_meaningless(first_run):
     generated = out / "runs/face_fusion/single_reference/images/anna/p000_s0.png"
     settings = cli_utils.read_png_settings(generated)
     assert settings["meaningless_metrics"] is True and settings["prompt"] == "a photo of a person"
-    assert settings["references"] == ["anna/1_full.png", "anna/2_crop.png"] and settings["targets"] == ["anna/3_small.png"]
+    assert settings["references"] == ["anna/1_full.png", "anna/2_crop.png"]
+    assert settings["targets"] == ["anna/3_small.png"]
     assert settings["identity_weights"].startswith("untrained")
     # the report links every picture relatively, and the files are there
     html = (out / "report.html").read_text()
@@ -165,7 +165,8 @@ def test_bad_inputs_give_clear_errors(data_dir, prompts_file, tmp_path):
     with pytest.raises(SystemExit, match="--method 'nope'"):
         reproduce.main(base + ["--method", "nope"])
     with pytest.raises(SystemExit, match="--protocol .*single_reference.yaml: unknown config key 'num_refs'"):
-        reproduce.main(base + ["--metric-models", "tiny", "--protocol", "reproduce/single_reference", "--set", "num_refs=2"])
+        reproduce.main(base + ["--metric-models", "tiny", "--protocol", "reproduce/single_reference",
+                               "--set", "num_refs=2"])
 
 
 def test_no_usable_identity_names_folder_and_counts(first_run, tmp_path):

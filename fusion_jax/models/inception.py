@@ -45,7 +45,8 @@ class InceptionConfig:
         if self.width_divisor < 1 or 32 % self.width_divisor:
             raise ValueError(f"InceptionConfig.width_divisor must divide 32 (got {self.width_divisor})")
         if self.input_size < 75:
-            raise ValueError(f"InceptionConfig.input_size must be >= 75 (Inception-v3's minimum), got {self.input_size}")
+            raise ValueError(f"InceptionConfig.input_size must be >= 75 (Inception-v3's minimum), got "
+                             f"{self.input_size}")
 
     def channels(self, n: int) -> int:
         return n // self.width_divisor

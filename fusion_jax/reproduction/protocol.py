@@ -40,7 +40,8 @@ class ProtocolConfig:
     recognizer_note: str = ""  # the recognizer the paper used (ours is named by --recognizer)
     clip_note: str = ""  # the CLIP model the paper used, and how its CLIP column is scaled
     fid_note: str = ""  # what the paper computed FID against; ours: generated vs all usable photos of --data
-    published: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rows: method, source, recognizer, columns
+    # published rows: method, source, recognizer, note and any of METRIC_COLUMNS
+    published: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         where = f"protocol {self.name!r}"

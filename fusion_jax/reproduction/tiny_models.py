@@ -100,7 +100,8 @@ def _write_inception(path: Path, seed: int) -> None:
 def write_tiny_metric_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write (once; reused when present) the tiny models under `folder`; returns their paths by role."""
     folder = Path(folder)
-    paths = {"recognizer": folder / "recognizer", "clip": folder / "clip", "inception": folder / "inception.safetensors"}
+    paths = {"recognizer": folder / "recognizer", "clip": folder / "clip",
+             "inception": folder / "inception.safetensors"}
     if not (paths["recognizer"] / "tiny_recognizer.onnx").is_file():
         _write_recognizer(paths["recognizer"] / "tiny_recognizer.onnx", seed)
     if not (paths["clip"] / "model.safetensors").is_file():

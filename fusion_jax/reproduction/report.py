@@ -54,7 +54,7 @@ def summarize(run: dict[str, Any], data_features: np.ndarray) -> dict[str, Any]:
     """Means and bootstrap intervals of one run's columns (x100 similarities)."""
     protocol = ProtocolConfig(**run["protocol"])
     rows = run["rows"]
-    ids = [r["identity"] for r in rows]
+    ids = [r["unit"] for r in rows]  # resampling unit: the identity (two-person protocols: the pair)
     out: dict[str, Any] = {"method": run["method"], "protocol": protocol.name, "images": len(run["features"]),
                            "no_face": sum(not r["face_found"] for r in rows), "faces_expected": len(rows),
                            "identities": len({r["identity"] for r in rows})}
@@ -185,8 +185,15 @@ def _scatter_png(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], x
                 py = h - m - (b - y0) / (y1 - y0) * (h - 1.5 * m)
                 d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
         d.text((m + 8, m // 2 + 6 + 12 * i), name, fill=c)
-    d.text((m, h - m + 8), f"{xlabel}: {x0:.2f} .. {x1:.2f}", fill="black")
-    d.text((4, 4), f"{title} | {ylabel}: {y0:.2f} .. {y1:.2f}", fill="black")
+    for k in range(5):  # ticks and values on both axes
+        fx, fy = k / 4, k / 4
+        px, py = m + fx * (w - 1.5 * m), h - m - fy * (h - 1.5 * m)
+        d.line([px, h - m, px, h - m + 4], fill="black")
+        d.text((px - 12, h - m + 6), f"{x0 + fx * (x1 - x0):.1f}", fill="black")
+        d.line([m - 4, py, m, py], fill="black")
+        d.text((2, py - 5), f"{y0 + fy * (y1 - y0):.1f}", fill="black")
+    d.text((w // 2 - 40, h - m + 22), xlabel, fill="black")
+    d.text((4, 4), f"{title}  (y: {ylabel})", fill="black")
     img.save(path)
 
 

@@ -246,6 +246,7 @@ def generate(
     fusion_cfg=None,
     face_embeddings=None,
     init_images=None,
+    identity_masks=None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
 
@@ -265,6 +266,8 @@ def generate(
         Face Fusion's defaults. `fusion_cfg` is the older name of the same argument.
       face_embeddings: (B, K, N, D) ArcFace embeddings of the references, for the methods that read them
         (IP-Adapter-FaceID, FaceStudio).
+      identity_masks: (B, K, height, width) bool instance masks of each person's region (instead of boxes), for
+        the methods with region masks (`accepts_identity_masks`: Face Fusion, FaceStudio, IP-Adapter-FaceID).
 
     img2img: `init_images` (B, height, width, 3) in [-1, 1]: the loop starts at `cfg.start_step` from their VAE
     latents (posterior mean; diffusers samples the posterior) noised to that step with `noise`. An identity method
@@ -295,10 +298,11 @@ def generate(
     if references is not None:
         from fusion_jax.identity.base import ReferenceRequest
 
-        request = ReferenceRequest(references, reference_valid, strength, boxes, face_embeddings)
+        request = ReferenceRequest(references, reference_valid, strength, boxes, face_embeddings, identity_masks)
         identity_cfg = _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch)
-    elif boxes is not None or reference_valid is not None or face_embeddings is not None:
-        raise ValueError("boxes / reference_valid / face_embeddings given without references")
+    elif boxes is not None or reference_valid is not None or face_embeddings is not None \
+            or identity_masks is not None:
+        raise ValueError("boxes / reference_valid / face_embeddings / identity_masks given without references")
     else:
         identity_cfg = None  # text only: the identity method takes no part (and is not part of the compile key)
     if init_images is not None:
@@ -334,6 +338,9 @@ def _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch):
     if identity_cfg is None:
         identity_cfg = identity_base.default_method().config_class()
     method = identity_base.for_config(identity_cfg)
+    if request.masks is not None and not method.accepts_identity_masks:
+        raise ValueError(f"identity_masks: {method.display_name or method.name} takes no instance masks (boxes "
+                         "only)")
     refs = jnp.asarray(request.references, jnp.float32)
     if refs.ndim == 5:
         refs = refs[:, None]

@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reference photo of person ID (0-based, default 0); repeatable")
     r.add_argument("--identity-box", action="append", default=[], metavar="x0,y0,x1,y1",
                    help="region of person ID (in order) in the generated image, pixels; one per person")
+    r.add_argument("--identity-mask", action="append", default=[], metavar="PATH",
+                   help="one person's region as a mask image (white = inside; resized to the output size), once per "
+                        "person in --reference order; instead of --identity-box")
     r.add_argument("--reference-strength", action="append", default=[], metavar="S[,S...]",
                    help="identity strength: one value, or one per person (default: the model's)")
     r.add_argument("--reference-guidance", type=float, default=2.0, help="reference guidance scale s_ref")
@@ -138,17 +141,28 @@ def check_reference_args(args) -> tuple[list, list, list]:
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
     if not groups:
-        for flag, value in (("--identity-box", args.identity_box), ("--reference-strength", args.reference_strength),
+        for flag, value in (("--identity-box", args.identity_box), ("--identity-mask", args.identity_mask),
+                            ("--reference-strength", args.reference_strength),
                             ("--identity-weights", args.identity_weights), ("--reference-size", args.reference_size),
                             ("--reference-max-timestep", args.reference_max_timestep), ("--method", args.method)):
             if value:
                 raise SystemExit(f"{flag} given without any --reference photo")
     try:  # counts now (before anything loads); the bounds once the image size is known
-        refs.check_boxes(boxes, len(groups))
+        if not args.identity_mask:  # masks say where each person goes instead
+            refs.check_boxes(boxes, len(groups))
         if groups:
             refs.strengths_per_identity(strengths, len(groups), 1.0)
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
+    if args.identity_mask:
+        if args.identity_box:
+            raise SystemExit("give --identity-box or --identity-mask for the people's regions, not both")
+        if len(args.identity_mask) != len(groups):
+            raise SystemExit(f"--identity-mask: {len(args.identity_mask)} masks for {len(groups)} people (one per "
+                             "person, in --reference order)")
+        for path in args.identity_mask:
+            if not Path(path).is_file():
+                raise SystemExit(f"--identity-mask {path}: no such file")
     if args.method is not None:
         _method(args.method)
     if args.identity_weights is not None:
@@ -183,7 +197,7 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
 
     num_ids = len(groups)
     try:
-        box_array = refs.check_boxes(boxes, num_ids, cfg.height, cfg.width)
+        box_array = None if args.identity_mask else refs.check_boxes(boxes, num_ids, cfg.height, cfg.width)
     except refs.ReferenceError as e:
         raise SystemExit(str(e)) from None
     pipeline, method, method_cfg, trained = cli_utils.attach_identity_modules(pipeline, args.identity_weights,
@@ -217,15 +231,38 @@ def prepare_references(args, pipeline, cfg, groups, boxes, strengths):
     crops_dir.mkdir(parents=True, exist_ok=True)
     for (k, n, crop), record in zip(ref_set.uint8_crops(), ref_set.records):  # both in (identity, index) order
         cli_utils.save_png(crops_dir / f"id{k}_{n}.png", crop, record)
+    masks = read_identity_masks(args.identity_mask, cfg.height, cfg.width) if args.identity_mask else None
     identity = {"references": ref_set.crops, "reference_valid": ref_set.valid, "strength": strength,
-                "boxes": box_array, "identity_cfg": method_cfg, "sampling_cfg": cfg,
+                "boxes": box_array, "masks": masks, "identity_cfg": method_cfg, "sampling_cfg": cfg,
                 "face_embeddings": ref_set.embeddings}
     meta = {"references": ref_set.records, "identity_boxes": None if box_array is None else box_array.tolist(),
+            "identity_masks": list(map(str, args.identity_mask)) or None,
             "reference_strength": strength.tolist(), "reference_size": size,
             "identity_weights": str(args.identity_weights) if trained else "untrained (fresh modules)",
             "identity_method": method.name, method.section: dataclasses.asdict(method_cfg),
             "face_detector": analyzer.backend}
     return pipeline, identity, meta
+
+
+def read_identity_masks(paths, height: int, width: int):
+    """`--identity-mask` files -> (K, height, width) bool: each image resized (nearest) to the output size, inside
+    where its grey level is above half."""
+    import numpy as np
+
+    from fusion_jax.data.images import CorruptImageError, read_image
+    from PIL import Image
+
+    masks = []
+    for path in paths:
+        try:
+            grey = Image.fromarray(read_image(path)).convert("L").resize((width, height), Image.NEAREST)
+        except CorruptImageError as e:
+            raise SystemExit(f"--identity-mask {path}: cannot load the mask image ({e})") from None
+        mask = np.asarray(grey) > 127
+        if not mask.any():
+            raise SystemExit(f"--identity-mask {path}: the mask is empty (no pixel above half grey)")
+        masks.append(mask)
+    return np.stack(masks)
 
 
 def _batch_identity(identity, batch: int) -> dict:
@@ -238,6 +275,7 @@ def _batch_identity(identity, batch: int) -> dict:
     return {"references": rows(identity["references"]), "reference_valid": rows(identity["reference_valid"]),
             "strength": rows(identity["strength"]),
             "boxes": None if identity["boxes"] is None else rows(identity["boxes"]),
+            "identity_masks": None if identity["masks"] is None else rows(identity["masks"]),
             "identity_cfg": identity["identity_cfg"],
             "face_embeddings": None if identity["face_embeddings"] is None else rows(identity["face_embeddings"])}
 

@@ -120,3 +120,24 @@ def test_cli_style_encoder_img2img_and_default_sampler(tiny_dir, photos, tmp_pat
                              cfg=dataclasses.replace(scfg, init_strength=1.0), references=refs,
                              identity_cfg=dataclasses.replace(cfg, img2img=False))
     assert np.abs(np.asarray(full).astype(int) - np.asarray(direct).astype(int)).max() > 5
+
+
+def test_identity_mask_flags(photos, tmp_path):  # noqa: F811
+    cli = _load_cli()
+    white = np.zeros((20, 40), np.uint8)
+    white[:, :10] = 255  # the left quarter
+    Image.fromarray(white).save(tmp_path / "left.png")
+    masks = cli.read_identity_masks([tmp_path / "left.png"], 8, 16)
+    expected = np.zeros((1, 8, 16), bool)
+    expected[0, :, :4] = True  # nearest resize of the left quarter
+    np.testing.assert_array_equal(masks, expected)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(SystemExit, match="empty.png: the mask is empty"):
+        cli.read_identity_masks([tmp_path / "empty.png"], 8, 8)
+    astro = str(photos / "astronaut.png")
+    common = ["--prompt", "p", "--out", str(tmp_path / "o"), "--reference", astro, "--reference", f"1:{astro}"]
+    with pytest.raises(SystemExit, match="--identity-mask: 1 masks for 2 people"):
+        cli.check_reference_args(cli.parse_args(common + ["--identity-mask", str(tmp_path / "left.png")]))
+    with pytest.raises(SystemExit, match="not both"):
+        cli.check_reference_args(cli.parse_args(common + ["--identity-mask", str(tmp_path / "left.png")] * 2
+                                                + ["--identity-box", "0,0,4,4"] * 2))

@@ -123,6 +123,38 @@ def test_sharded_with_references_equals_single_device(pipeline):
     assert np.abs(np.asarray(sharded, np.int16) - np.asarray(single, np.int16)).max() <= 1
 
 
+def test_identity_masks_equal_their_boxes(pipeline):
+    """Instance masks that are the boxes' pixels give the boxes' images (same compiled function as the sharded
+    test's single-device run: same settings and shapes)."""
+    cfg = _cfg(pipeline, output="uint8", num_steps=1)
+    ids = sampling.tokenize(pipeline, [f"person {i}" for i in range(8)])
+    refs = _refs(pipeline, 8, k=2, n=1)
+    size = cfg.height
+    boxes = np.tile(np.array([[[0, 0, size // 2, size], [size // 2, 0, size, size]]], np.float64), (8, 1, 1))
+    masks = np.zeros((8, 2, size, size), bool)
+    masks[:, 0, :, : size // 2] = True
+    masks[:, 1, :, size // 2 :] = True
+    by_box = sampling.generate(pipeline, ids, key=jax.random.key(3), cfg=cfg, references=refs, boxes=boxes)
+    by_mask = sampling.generate(pipeline, ids, key=jax.random.key(3), cfg=cfg, references=refs,
+                                identity_masks=masks)
+    np.testing.assert_array_equal(np.asarray(by_mask), np.asarray(by_box))
+    with pytest.raises(ValueError, match=r"identity masks must be \(B=8, K=2"):
+        sampling.generate(pipeline, ids, key=jax.random.key(3), cfg=cfg, references=refs,
+                          identity_masks=masks[:, :1])
+
+
+def test_region_masks_from_pixels_match_block_any():
+    """A non-rectangular region (a disc and a stray pixel): a latent cell is inside iff any pixel in its block is
+    (NumPy block reduction on sizes that divide evenly)."""
+    yy, xx = np.mgrid[:32, :32]
+    mask = ((yy - 12) ** 2 + (xx - 18) ** 2 < 40) | ((yy == 30) & (xx == 1))
+    got = fusion.region_masks_from_pixels(mask[None, None], [(8, 8), (4, 4)])
+    for h in (8, 4):
+        f = 32 // h
+        expected = mask.reshape(h, f, h, f).any(axis=(1, 3)).reshape(-1)
+        np.testing.assert_array_equal(np.asarray(got[f"{h}x{h}"])[0, 0], expected)
+
+
 def test_bad_reference_inputs_name_the_argument(pipeline, tmp_path):
     cfg = _cfg(pipeline)
     ids = sampling.tokenize(pipeline, PROMPTS)

@@ -53,6 +53,9 @@ class ReferenceRequest:
     # (B, K, N, D) ArcFace embeddings of the reference faces (the CLI fills them when the face detector has a
     # recognition model); None = not available (methods that need them say so, or read their own config)
     face_embeddings: Any = None
+    # (B, K, H, W) bool instance masks of each person's region in the generated image (an alternative to boxes
+    # for the methods with region masks; `identity.fusion.region_masks_from_pixels`)
+    masks: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,7 @@ class IdentityMethod:
     trainable_presets: ClassVar[tuple[str, ...]] = ()  # train.trainable names this method defines
     batch_keys: ClassVar[tuple[str, ...]] = ()  # image-stream fields its loss reads beyond the generic batch
     display_name: ClassVar[str] = ""  # human name for messages and tables ('Face Fusion')
+    accepts_identity_masks: ClassVar[bool] = False  # whether `sampling_inputs` reads `ReferenceRequest.masks`
 
     # ---------------------------------------------------------------------------------------------- model
     def attach(self, unet, cfg, *, trainable: str = "all", rngs=None):

@@ -434,6 +434,7 @@ class FaceStudio(IdentityMethod):
     trainable_presets = TRAINABLE
     batch_keys = ("face_embedding", "masked_target")  # the image stream's; the style encoder runs in the step
     display_name = "FaceStudio"
+    accepts_identity_masks = True  # regions from instance masks as well as boxes
 
     def attach(self, unet, cfg: FaceStudioConfig, *, trainable: str = "all", rngs=None):
         attach_adapter(unet, cfg, rngs=rngs)
@@ -477,7 +478,7 @@ class FaceStudio(IdentityMethod):
 
     def sampling_inputs(self, model, cfg: FaceStudioConfig, request, *, batch, image_size, latent_size):
         from fusion_jax.identity import ip_adapter_faceid
-        from fusion_jax.identity.fusion import latent_levels, region_masks_from_boxes, strength_array
+        from fusion_jax.identity.fusion import request_region_masks, strength_array
 
         if cfg.text_branch == "prior" and _adapter(model).prior is None:
             raise ValueError("facestudio.text_branch='prior' needs the prior: facestudio.load_prior_branch(model, "
@@ -505,13 +506,9 @@ class FaceStudio(IdentityMethod):
         elif cfg.img2img:
             raise ValueError("facestudio.img2img starts from the style image, and none was given "
                              "(--style-image / facestudio.style_image)")
-        if request.boxes is not None:
-            boxes = np.asarray(request.boxes, np.float64)
-            if boxes.ndim != 3 or boxes.shape[:2] != (batch, k):
-                raise ValueError(f"boxes must be (B={batch}, K={k}, 4) pixel boxes, got shape {boxes.shape}")
-            out["region_masks"] = region_masks_from_boxes(boxes, image_size, latent_levels(model, *latent_size))
-        elif k > 1:
-            raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+        masks = request_region_masks(model, request, batch, k, image_size, latent_size)
+        if masks is not None:
+            out["region_masks"] = masks
         return out
 
     def encode_references(self, model, cfg: FaceStudioConfig, parts, key):

@@ -213,6 +213,49 @@ def region_masks_from_boxes(
     return masks
 
 
+def region_masks_from_pixels(masks: np.ndarray, levels: list[tuple[int, int]]) -> dict[str, jax.Array]:
+    """Instance masks (B, K, H, W) bool at image resolution -> per-level region masks {resolution_key(h, w):
+    (B, K, h*w) bool}; a latent cell is inside if any of its pixels is (the rule `region_masks_from_boxes` uses
+    for boxes, so a box-shaped mask gives that box's masks)."""
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 4:
+        raise ValueError(f"instance masks must be (B, K, H, W), got shape {masks.shape}")
+    b, k, img_h, img_w = masks.shape
+    out = {}
+    for h, w in levels:
+        rows = np.arange(img_h) * h // img_h  # the latent row / column each pixel row / column falls in
+        cols = np.arange(img_w) * w // img_w
+        by_row = np.stack([masks[:, :, rows == r].any(axis=2) for r in range(h)], axis=2)  # (B, K, h, W)
+        cell = np.stack([by_row[..., cols == c].any(axis=-1) for c in range(w)], axis=-1)  # (B, K, h, w)
+        out[resolution_key(h, w)] = jnp.asarray(cell.reshape(b, k, h * w))
+    return out
+
+
+def request_region_masks(unet, request, batch: int, k: int, image_size: tuple[int, int],
+                         latent_size: tuple[int, int]) -> dict[str, jax.Array] | None:
+    """The per-level region masks of a sampling request: from its instance masks (B, K, H, W) or its boxes
+    (B, K, 4); None for one person without either; several people without either is an error."""
+    levels = latent_levels(unet, *latent_size)
+    if request.masks is not None:
+        masks = np.asarray(request.masks, bool)
+        if masks.shape != (batch, k) + tuple(image_size):
+            raise ValueError(f"identity masks must be (B={batch}, K={k}, {image_size[0]}, {image_size[1]}) bool (one "
+                             f"per person, at the generated size), got shape {masks.shape}")
+        return region_masks_from_pixels(masks, levels)
+    if request.boxes is not None:
+        boxes = np.asarray(request.boxes, np.float64)
+        if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must be (B={batch}, K, 4) pixel (x0, y0, x1, y1); got shape {boxes.shape}")
+        if boxes.shape[1] != k:
+            raise ValueError(f"boxes: {boxes.shape[1]} identity boxes for {k} reference sets; give one box per "
+                             "person")
+        return region_masks_from_boxes(boxes, image_size, levels)
+    if k > 1:
+        raise ValueError(f"references hold {k} people but no boxes or masks say where each goes; pass boxes "
+                         "(B, K, 4) or identity masks (B, K, H, W)")
+    return None
+
+
 def strength_array(strength, batch: int, num_ids: int) -> jax.Array:
     """Per-identity strength (scalar, (K,) or (B, K)) -> (B, K) float32; errors name `strength`."""
     s = jnp.asarray(strength, jnp.float32)
@@ -429,6 +472,7 @@ class FaceFusion(IdentityMethod):
     config_class = FusionConfig
     trainable_presets = ("identity", "identity+lora")
     display_name = "Face Fusion"
+    accepts_identity_masks = True  # regions from instance masks as well as boxes
 
     def reference_context(self, unet, ref_latents, text_emb_empty, cfg, **kwargs) -> IdentityContext:
         """References -> IdentityContext (`encode_references`); the one place subclasses change the tokens."""
@@ -455,16 +499,9 @@ class FaceFusion(IdentityMethod):
                              "model or call fusion_jax.identity.fusion.attach_identity_projections(unet, cfg) first")
         k = np.shape(request.references)[1]
         out = {"strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
-        if request.boxes is not None:
-            boxes = np.asarray(request.boxes, np.float64)
-            if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
-                raise ValueError(f"boxes must be (B={batch}, K, 4) pixel (x0, y0, x1, y1); got shape {boxes.shape}")
-            if boxes.shape[1] != k:
-                raise ValueError(f"boxes: {boxes.shape[1]} identity boxes for {k} reference sets; give one box per "
-                                 "person")
-            out["region_masks"] = region_masks_from_boxes(boxes, image_size, latent_levels(model, *latent_size))
-        elif k > 1:
-            raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+        masks = request_region_masks(model, request, batch, k, image_size, latent_size)
+        if masks is not None:
+            out["region_masks"] = masks
         return out
 
     def _context(self, model, cfg, parts, t=0, noise=None) -> IdentityContext:
@@ -512,6 +549,7 @@ class FaceFusion(IdentityMethod):
 
 __all__ = [
     "FaceFusion", "FusionConfig", "attach_identity_projections", "attach_lora", "trainable_filter", "participating_layers",
-    "check_reference_latents", "latent_levels", "strength_array", "region_masks_from_boxes", "capture_reference_tokens",
+    "check_reference_latents", "latent_levels", "strength_array", "region_masks_from_boxes", "region_masks_from_pixels",
+    "request_region_masks", "capture_reference_tokens",
     "encode_references", "fusion_forward", "fusion_loss", "fusion_state_dict_keys",
 ]

@@ -757,6 +757,7 @@ class IPAdapterFaceID(IdentityMethod):
     trainable_presets = TRAINABLE
     batch_keys = ("face_embedding",)
     display_name = "IP-Adapter-FaceID"
+    accepts_identity_masks = True  # regions from instance masks as well as boxes
 
     def attach(self, unet, cfg: IPAdapterFaceIDConfig, *, trainable: str = "all", rngs=None):
         attach_adapter(unet, cfg, rngs=rngs)
@@ -773,7 +774,7 @@ class IPAdapterFaceID(IdentityMethod):
         return faceid_loss(model, batch, rng, schedule, cfg)
 
     def sampling_inputs(self, model, cfg: IPAdapterFaceIDConfig, request, *, batch, image_size, latent_size):
-        from fusion_jax.identity.fusion import latent_levels, region_masks_from_boxes, strength_array
+        from fusion_jax.identity.fusion import request_region_masks, strength_array
 
         if getattr(model, "ip_image_proj", None) is None:
             raise ValueError("ip_adapter_faceid: the UNet has no adapter; load one with ip_adapter_faceid.load(unet, "
@@ -792,13 +793,9 @@ class IPAdapterFaceID(IdentityMethod):
                                  "(ip_adapter_faceid.load(..., image_encoder=FOLDER))")
         out = {"face_embeds": jnp.asarray(emb),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
-        if request.boxes is not None:
-            boxes = np.asarray(request.boxes, np.float64)
-            if boxes.ndim != 3 or boxes.shape[:2] != (batch, k):
-                raise ValueError(f"boxes must be (B={batch}, K={k}, 4) pixel boxes, got shape {boxes.shape}")
-            out["region_masks"] = region_masks_from_boxes(boxes, image_size, latent_levels(model, *latent_size))
-        elif k > 1:
-            raise ValueError(f"references hold {k} people but no boxes say where each goes; pass boxes (B, K, 4)")
+        masks = request_region_masks(model, request, batch, k, image_size, latent_size)
+        if masks is not None:
+            out["region_masks"] = masks
         return out
 
     def encode_references(self, model, cfg, parts, key):

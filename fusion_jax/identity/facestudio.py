@@ -25,6 +25,17 @@ Our choices (the paper has no public code):
   branch); the shared linear layer is what the text branch reuses at inference.
 - Outside every person's region queries see text only (`outside: text`), or the tokens of one person drawn at
   random per image from the generation key (`outside: random`, the paper's option).
+- People's regions come from boxes or from instance masks (`ReferenceRequest.masks`, `--identity-mask`): a
+  latent cell belongs to a person if any of its pixels does.
+- Padding references (`reference_valid` False) are left out of e_f = sum_i beta_i e_f^i; the other betas are
+  rescaled to the same total (the default 1/N becomes 1 / number of real photos).
+- Training reads two fields of the image stream: `masked_target` (the training image with its face box filled
+  with mid-grey; the style input) encoded inside the step by the frozen style encoder (`facestudio.style_encoder`,
+  resized bicubically to its input size), and `face_embedding` (the photo's ArcFace embedding stored by the
+  dataset builder; zeros for photos without a face, the paper's non-person images).
+- Sampling defaults to the paper's Euler-ancestral, 25 steps (`sampling_defaults`; the CLI's --scheduler /
+  --steps win). `facestudio.img2img` (`--img2img-strength S`) starts from the style image's VAE latents noised
+  to fraction S of the schedule.
 
 At sampling time the ArcFace embeddings come with the request (`ReferenceRequest.face_embeddings`, from the CLI's
 face detector) or from a .npy file (`facestudio.face_embeddings`, `--face-embeddings`: insightface cannot run inside

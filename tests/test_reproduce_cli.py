@@ -85,7 +85,8 @@ def test_outputs_exist_and_say_meaningless(first_run):
     assert settings["identity_weights"].startswith("untrained")
     # the report links every picture relatively, and the files are there
     html = (out / "report.html").read_text()
-    for src in ("data/crops/anna/1_full.png.png", "runs/face_fusion/single_reference/images/anna/p000_s0.png"):
+    for src in ("data/crops/anna/1_full.png.png", "runs/face_fusion/single_reference/images/anna/p000_s0.png",
+                "runs/face_fusion/single_reference/faces/bert/p000_s0_0.png"):
         assert f"src='{src}'" in html and (out / src).is_file()
 
 

@@ -225,7 +225,7 @@ def write_html(out: Path, markdown: str, runs: list[dict], meaningless: bool, ma
     """report.html: the table and, per unit, its reference crops beside its generated images (relative links)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>fusion-jax reproduction</title><style>"
              "body{font-family:sans-serif;margin:20px} table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px} img{height:96px;margin:1px} .banner{background:#fdd;"
+             "td,th{border:1px solid #ccc;padding:3px 6px} img{height:96px;margin:1px} img.face{height:48px;border:1px solid #c00} .banner{background:#fdd;"
              "padding:8px;font-weight:bold} .refs{border-right:3px solid #888;padding-right:6px;margin-right:6px}"
              "</style></head><body>"]
     if meaningless:
@@ -253,9 +253,16 @@ def write_html(out: Path, markdown: str, runs: list[dict], meaningless: bool, ma
             refs = sorted({p for s in run["plan"]["identities"] if s["name"] in unit.split("+")
                            for p in s["references"]})
             imgs = sorted({r["image"] for r in rows})
+            face_of = {}
+            for r in rows:
+                if r["face_crop"]:
+                    face_of.setdefault(r["image"], []).append(r["face_crop"])
             cell = "".join(f"<img src='{html.escape(crops[p])}' title='{html.escape(p)}'>" for p in refs
                            if (out / crops[p]).is_file())
-            gen = "".join(f"<img src='{html.escape(i)}' title='{html.escape(i)}'>" for i in imgs)
+            gen = "".join(f"<img src='{html.escape(i)}' title='{html.escape(i)}'>"
+                          + "".join(f"<img class='face' src='{html.escape(c)}' title='face the recognizer read'>"
+                                    for c in face_of.get(i, []))
+                          for i in imgs)
             parts.append(f"<div><b>{html.escape(unit)}</b><br><span class='refs'>{cell}</span>{gen}</div>")
     for plot in sorted((out / "plots").glob("*.png")):
         parts.append(f"<p><img style='height:300px' src='plots/{html.escape(plot.name)}'></p>")

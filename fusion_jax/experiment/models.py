@@ -116,7 +116,7 @@ def prepare_unet(unet: nnx.Module, config: ExperimentConfig, rngs: nnx.Rngs) -> 
     """Attention kernel, remat, then the identity method's modules: returns the model the loss calls."""
     m = config.model
     set_attention_kernel(unet, m.attention_kernel, m.query_chunk_size)
-    set_remat(unet, config.train.remat != "none")
+    set_remat(unet, config.train.remat)  # the named jax.checkpoint policy on every resnet / transformer block
     method = identity_method(config)
     if method is None:
         return unet

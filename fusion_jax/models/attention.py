@@ -31,13 +31,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture
+from fusion_jax.models.remat import REMAT_POLICY, Remat, call_maybe_remat, remat_name  # noqa: F401  (re-exported)
 from fusion_jax.models.resnet import GroupNorm, conv2d
 
 AttentionKernel = Literal["auto", "xla", "cudnn", "chunked"]
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "chunked")
 IdentityCombine = Literal["joint", "decoupled"]
-# What remat keeps: matmul outputs without batch dims (weights-side products); everything else is recomputed.
-REMAT_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -414,23 +413,6 @@ class BasicTransformerBlock(nnx.Module):
         return (w * with_refs.astype(jnp.float32) + (1.0 - w) * own.astype(jnp.float32)).astype(y.dtype)
 
 
-def call_maybe_remat(remat: bool, fn, module: nnx.Module, *args):
-    """`fn(module, *args)`, rematerialised in the backward pass (jax.checkpoint with REMAT_POLICY) when `remat`.
-
-    The module is split into (graphdef, state) and merged inside a pure function, so this also works when the
-    module was created outside the current trace (e.g. called inside a lax loop body), where `nnx.remat` refuses
-    to write the module back. Blocks do not mutate state in their forward pass, so nothing needs writing back.
-    """
-    if not remat:
-        return fn(module, *args)
-    graphdef, state = nnx.split(module)
-
-    def pure(state, *args):
-        return fn(nnx.merge(graphdef, state), *args)
-
-    return jax.checkpoint(pure, policy=REMAT_POLICY)(state, *args)
-
-
 class Transformer2DModel(nnx.Module):
     """GroupNorm -> proj_in (1x1 conv, or Linear when `use_linear_projection`) -> transformer blocks -> proj_out,
     plus the input as residual. NHWC in and out."""
@@ -451,7 +433,7 @@ class Transformer2DModel(nnx.Module):
         dropout: float = 0.0,
         kernel: AttentionKernel = "auto",
         query_chunk_size: int = 1024,
-        remat: bool = False,
+        remat: Remat = "none",
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -459,7 +441,7 @@ class Transformer2DModel(nnx.Module):
         inner = heads * dim_head
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.use_linear_projection = use_linear_projection
-        self.remat = remat
+        self.remat = remat_name(remat)  # jax.checkpoint policy name of each transformer block (models.remat)
         self.norm = GroupNorm(in_channels, norm_num_groups, epsilon=1e-6, rngs=rngs, param_dtype=param_dtype)
         self.proj_in = nnx.Linear(in_channels, inner, **kw) if use_linear_projection else conv2d(in_channels, inner, 1, **kw)
         self.transformer_blocks = nnx.List([

@@ -21,7 +21,9 @@ from flax import nnx
 
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture
 from fusion_jax.models import attention as attention_lib
+from fusion_jax.models import remat as remat_lib
 from fusion_jax.models.embeddings import TimestepEmbedding, text_time_embedding_input, timestep_embedding
+from fusion_jax.models.remat import Remat
 from fusion_jax.models.resnet import GroupNorm, conv2d
 from fusion_jax.models.unet_blocks import (
     BlockOptions,
@@ -230,7 +232,8 @@ class UNet2DConditionModel(nnx.Module):
 
     `dtype` is the activation dtype (bfloat16 on accelerators), `param_dtype` the parameter dtype; softmax and
     norms always run in float32. `attention_kernel` / `query_chunk_size` pick the attention implementation (see
-    `models.attention`); `remat` rematerialises every resnet and transformer block in the backward pass.
+    `models.attention`); `remat` names the `jax.checkpoint` policy of every resnet and transformer block
+    (`models.remat`: 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'; True = the last).
     Construction is shape-only friendly (works under `nnx.eval_shape`).
     """
 
@@ -243,7 +246,7 @@ class UNet2DConditionModel(nnx.Module):
         param_dtype=jnp.float32,
         attention_kernel: attention_lib.AttentionKernel = "auto",
         query_chunk_size: int = 1024,
-        remat: bool = False,
+        remat: Remat = "none",
     ):
         if not isinstance(config, UNetConfig):
             raise TypeError(f"UNet2DConditionModel: `config` must be a UNetConfig, got {type(config).__name__} "
@@ -414,8 +417,7 @@ def set_attention_kernel(model: nnx.Module, kernel: attention_lib.AttentionKerne
                 node.query_chunk_size = query_chunk_size
 
 
-def set_remat(model: nnx.Module, remat: bool) -> None:
-    """Turn rematerialisation of resnets and transformer blocks on or off (training memory vs compute)."""
-    for _, node in nnx.iter_graph(model):
-        if hasattr(node, "remat") and isinstance(getattr(node, "remat"), bool) and isinstance(node, nnx.Module):
-            node.remat = remat
+def set_remat(model: nnx.Module, remat: Remat) -> None:
+    """Sets the remat policy of every resnet and transformer block: a `models.remat.REMAT_POLICIES` name
+    ('none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable', i.e. `train.remat`) or a bool."""
+    remat_lib.set_remat(model, remat)

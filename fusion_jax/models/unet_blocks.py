@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture
-from fusion_jax.models.attention import AttentionKernel, Transformer2DModel, call_maybe_remat
+from fusion_jax.models.attention import AttentionKernel, Transformer2DModel
+from fusion_jax.models.remat import Remat, call_maybe_remat, remat_name
 from fusion_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 Identity = IdentityContext | ReferenceCapture | None
@@ -32,7 +33,7 @@ class BlockOptions:
     dropout: float = 0.0  # dropout rate inside resnets and transformer blocks
     kernel: AttentionKernel = "auto"  # attention kernel, see models.attention
     query_chunk_size: int = 1024  # query block size of the chunked attention kernel
-    remat: bool = False  # rematerialise resnets and transformer blocks in the backward pass
+    remat: Remat = "none"  # jax.checkpoint policy name of resnets and transformer blocks (models.remat)
 
 
 def _resnet(opts: BlockOptions, in_ch: int, out_ch: int, *, output_scale_factor: float = 1.0, rngs, dtype,
@@ -55,7 +56,7 @@ def _transformer(opts: BlockOptions, channels: int, *, heads: int, cross_attenti
         query_chunk_size=opts.query_chunk_size, remat=opts.remat, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
-def _run_resnet(remat: bool, resnet: ResnetBlock2D, h: jax.Array, temb: jax.Array) -> jax.Array:
+def _run_resnet(remat: Remat, resnet: ResnetBlock2D, h: jax.Array, temb: jax.Array) -> jax.Array:
     return call_maybe_remat(remat, lambda r, x, t: r(x, t), resnet, h, temb)
 
 
@@ -66,7 +67,7 @@ class DownBlock2D(nnx.Module):
                  add_downsample: bool, downsample_padding: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.remat = opts.remat
+        self.remat = remat_name(opts.remat)
         self.resnets = nnx.List([
             _resnet(opts, in_channels if i == 0 else out_channels, out_channels, **kw) for i in range(num_layers)])
         self.downsamplers = (
@@ -92,7 +93,7 @@ class CrossAttnDownBlock2D(nnx.Module):
                  only_cross_attention: bool, name: str, downsample_padding: int = 1, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.remat = opts.remat
+        self.remat = remat_name(opts.remat)
         self.resnets = nnx.List([
             _resnet(opts, in_channels if i == 0 else out_channels, out_channels, **kw) for i in range(num_layers)])
         self.attentions = nnx.List([
@@ -123,7 +124,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                  transformer_layers: int, output_scale_factor: float = 1.0, num_layers: int = 1,
                  name: str = "mid_block", rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.remat = opts.remat
+        self.remat = remat_name(opts.remat)
         self.resnets = nnx.List([
             _resnet(opts, channels, channels, output_scale_factor=output_scale_factor, **kw)
             for _ in range(num_layers + 1)])
@@ -157,7 +158,7 @@ class UpBlock2D(nnx.Module):
     def __init__(self, opts: BlockOptions, in_channels: int, out_channels: int, prev_output_channel: int, *,
                  num_layers: int, add_upsample: bool, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.remat = opts.remat
+        self.remat = remat_name(opts.remat)
         self.resnets = _up_resnets(opts, in_channels, out_channels, prev_output_channel, num_layers, kw)
         self.upsamplers = nnx.List([Upsample2D(out_channels, use_conv=True, **kw)]) if add_upsample else None
 
@@ -177,7 +178,7 @@ class CrossAttnUpBlock2D(nnx.Module):
                  num_layers: int, add_upsample: bool, heads: int, cross_attention_dim: int, transformer_layers: int,
                  only_cross_attention: bool, name: str, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.remat = opts.remat
+        self.remat = remat_name(opts.remat)
         self.resnets = _up_resnets(opts, in_channels, out_channels, prev_output_channel, num_layers, kw)
         self.attentions = nnx.List([
             _transformer(opts, out_channels, heads=heads, cross_attention_dim=cross_attention_dim,

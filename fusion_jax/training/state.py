@@ -116,22 +116,18 @@ FilterLike = Union[str, Any]
 
 
 def remat_policy(name: str) -> Optional[Callable[..., Any]]:
-    """`train.remat` -> a `jax.checkpoint` policy for the model's blocks (the model factory applies it).
+    """`train.remat` -> its `jax.checkpoint` policy (`fusion_jax.models.remat.REMAT_POLICIES`; the experiment sets
+    the name on the UNet's blocks with `set_remat(unet, name)`).
 
     'none' -> None (no remat); 'full' -> save nothing (recompute the whole block in the backward pass);
     'dots_saveable' / 'dots_with_no_batch_dims_saveable' -> keep matmul outputs (docs/DESIGN.md section 9: the
     latter cut one SD block's saved activations from 1359 MiB to 80 MiB).
     """
-    policies = jax.checkpoint_policies
-    table = {
-        "none": None,
-        "full": policies.nothing_saveable,
-        "dots_saveable": policies.dots_saveable,
-        "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable,
-    }
-    if name not in table:
-        raise ConfigError(f"train.remat={name!r}: expected one of {list(table)}")
-    return table[name]
+    from fusion_jax.models.remat import REMAT_POLICIES  # the table the UNet blocks use
+
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"train.remat={name!r}: expected one of {list(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
 
 
 def maybe_remat(fn: Callable[..., Any], name: str) -> Callable[..., Any]:

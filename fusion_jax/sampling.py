@@ -96,15 +96,16 @@ def decode_latents(vae, latents, output: str):
     return images
 
 
-def denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg: SamplingConfig):
+def denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg: SamplingConfig, added_cond=None):
     """The body of `denoise`'s loop, `(i, (x, state)) -> (x, state)`: one guided step (also used to count the
-    FLOPs of one step, as XLA's cost analysis counts a loop body once)."""
+    FLOPs of one step, as XLA's cost analysis counts a loop body once). `added_cond`: SDXL's
+    {'text_embeds', 'time_ids'} for the [uncond; cond] rows."""
     context = jnp.concatenate([text_uncond, text_cond], axis=0)
 
     def step(i, carry):
         x, state = carry
         x_in = sampler.scale_model_input(x, i)
-        out = unet(jnp.concatenate([x_in, x_in], axis=0), sampler.timesteps[i], context)
+        out = unet(jnp.concatenate([x_in, x_in], axis=0), sampler.timesteps[i], context, added_cond)
         eps_uncond, eps_text = jnp.split(out.astype(jnp.float32), 2, axis=0)
         eps = guided_prediction(eps_uncond, eps_text, cfg.guidance_scale, cfg.guidance_rescale)
         return sampler.step(state, eps, x, i, key)  # the sampler folds i into the key itself
@@ -112,10 +113,11 @@ def denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg: SamplingCon
     return step
 
 
-def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingConfig, start: int = 0):
+def denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg: SamplingConfig, start: int = 0,
+            added_cond=None):
     """The sampler loop with classifier-free guidance: one batched UNet call (uncond + text) per step, from step
     `start` (img2img) to the end."""
-    step = denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg)
+    step = denoise_step_fn(unet, sampler, text_uncond, text_cond, key, cfg, added_cond)
     latents, _ = jax.lax.fori_loop(start, cfg.num_steps, step, (latents, sampler.init_state(latents)))
     return latents
 
@@ -187,11 +189,32 @@ def encode_reference_images(vae, images):
     return latents.reshape(lead + latents.shape[1:])
 
 
+def encode_prompts(text_encoders, ids):
+    """Prompt ids -> (hidden states (B, L, D), pooled embedding or None).
+
+    One encoder (SD 1.x / 2.x): its last hidden state. Two (SDXL; ids (B, 2, L), one row per tokenizer): both
+    encoders' penultimate hidden states concatenated on the feature axis, and the second encoder's projected
+    pooled output (`text_embeds`), as diffusers' StableDiffusionXLPipeline.encode_prompt."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](ids).last_hidden_state, None
+    first = text_encoders[0](ids[:, 0], output_hidden_states=True)
+    second = text_encoders[1](ids[:, 1], output_hidden_states=True)
+    hidden = jnp.concatenate([first.hidden_states[-2], second.hidden_states[-2]], axis=-1)
+    return hidden, second.text_embeds
+
+
 def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule, identity_cfg):
-    unet, vae, text_encoder = models
+    unet, vae, text_encoders = models[0], models[1], models[2:]
     sampler = _make_sampler(cfg, schedule)
-    text_cond = text_encoder(inputs["input_ids"]).last_hidden_state
-    text_uncond = text_encoder(inputs["uncond_ids"]).last_hidden_state
+    text_cond, pooled_cond = encode_prompts(text_encoders, inputs["input_ids"])
+    text_uncond, pooled_uncond = encode_prompts(text_encoders, inputs["uncond_ids"])
+    added_cond = None
+    if pooled_cond is not None:  # SDXL: zero negatives where asked, pooled text + size conditioning
+        zero = inputs["zero_uncond"]
+        text_uncond = jnp.where(zero[:, None, None], 0.0, text_uncond)
+        pooled_uncond = jnp.where(zero[:, None], 0.0, pooled_uncond)
+        time_ids = jnp.concatenate([inputs["time_ids"]] * 2, axis=0)
+        added_cond = {"text_embeds": jnp.concatenate([pooled_uncond, pooled_cond], axis=0), "time_ids": time_ids}
     start = 0
     if "init_images" in inputs:  # img2img: the init image's latents noised to the first step run
         start = cfg.start_step
@@ -200,7 +223,7 @@ def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule,
     else:
         latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
     if "references" not in inputs:
-        latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg, start)
+        latents = denoise(unet, sampler, latents, text_uncond, text_cond, key, cfg, start, added_cond)
     else:
         from fusion_jax.identity import base as identity_base
 
@@ -275,11 +298,17 @@ def generate(
     """
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
+    dual = getattr(pipeline, "two_text_encoders", False)
+    if dual and (input_ids.ndim != 3 or input_ids.shape[1] != 2):
+        raise ValueError(f"input_ids must be (batch, 2, length) for a two-encoder (SDXL) pipeline, one row per "
+                         f"tokenizer (sampling.tokenize makes them); got shape {input_ids.shape}")
+    if not dual and input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length); got shape {input_ids.shape}")
     batch = input_ids.shape[0]
+    empty = tokenize(pipeline, [""] * batch)
+    zero_uncond = np.full((batch,), uncond_ids is None and getattr(pipeline, "force_zeros_for_empty_prompt", False))
     if uncond_ids is None:
-        uncond_ids = np.asarray(pipeline.tokenizer([""] * batch), np.int32)
+        uncond_ids = empty
     uncond_ids = jnp.asarray(uncond_ids, jnp.int32)
     if uncond_ids.shape != input_ids.shape:
         raise ValueError(f"uncond_ids shape {uncond_ids.shape} must equal input_ids shape {input_ids.shape}")
@@ -292,6 +321,14 @@ def generate(
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must have shape {shape} (batch, h, w, channels); got {tuple(noise.shape)}")
     inputs = {"input_ids": input_ids, "uncond_ids": uncond_ids}
+    if dual:  # SDXL: which negatives are zeros (no negative prompt, diffusers' force_zeros_for_empty_prompt) and
+        # the size conditioning (original size, crop top-left, target size) = the generated size, no crop
+        inputs["zero_uncond"] = jnp.asarray(zero_uncond)
+        inputs["time_ids"] = jnp.asarray(np.tile([[cfg.height, cfg.width, 0, 0, cfg.height, cfg.width]], (batch, 1)),
+                                         jnp.float32)
+        if references is not None:
+            raise ValueError("identity methods on two-encoder (SDXL) pipelines are not supported yet: their "
+                             "predictions do not pass SDXL's pooled-text / size conditioning")
     if identity_cfg is not None and fusion_cfg is not None:
         raise ValueError("give identity_cfg or its older name fusion_cfg, not both")
     identity_cfg = identity_cfg if identity_cfg is not None else fusion_cfg
@@ -313,7 +350,7 @@ def generate(
     if "init_images" in inputs and not _make_sampler(cfg, pipeline.schedule).supports_partial:
         raise ValueError(f"img2img: the {cfg.scheduler} sampler cannot start part-way; use ddim, euler or "
                          "euler_ancestral")
-    models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    models = (pipeline.unet, pipeline.vae, pipeline.text_encoder) + ((pipeline.text_encoder_2,) if dual else ())
     graphdefs, states = zip(*(nnx.split(m) for m in models))
     fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, identity_cfg, mesh)
     return fn(tuple(states), inputs, jnp.asarray(noise), step_key)
@@ -376,4 +413,8 @@ def _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch):
 
 
 def tokenize(pipeline: Pipeline, prompts: list[str]) -> np.ndarray:
-    return np.asarray(pipeline.tokenizer(list(prompts)), np.int32)
+    """Prompt ids: (B, L) int32, or (B, 2, L) for a two-encoder (SDXL) pipeline (one row per tokenizer)."""
+    ids = np.asarray(pipeline.tokenizer(list(prompts)), np.int32)
+    if getattr(pipeline, "tokenizer_2", None) is None:
+        return ids
+    return np.stack([ids, np.asarray(pipeline.tokenizer_2(list(prompts)), np.int32)], axis=1)

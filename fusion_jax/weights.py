@@ -24,7 +24,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,14 @@ class Pipeline:
     text_encoder: nnx.Module  # CLIPTextModel
     tokenizer: Any  # host-side tokenizer: list[str] -> int32 (B, L)
     schedule: Any  # fusion_jax.schedulers.NoiseSchedule from scheduler_config.json
+    text_encoder_2: Optional[nnx.Module] = None  # SDXL: CLIPTextModelWithProjection (penultimate states + pooled)
+    tokenizer_2: Any = None  # SDXL: the second encoder's tokenizer
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zero embeddings (model_index)
+
+    @property
+    def two_text_encoders(self) -> bool:
+        """SDXL layout: prompts go through both encoders (`sampling.tokenize` gives (B, 2, L) ids)."""
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -459,17 +467,27 @@ def load_schedule(path, subfolder: str = "scheduler"):
 
 def load_pipeline(path, *, dtype=jnp.float32, param_dtype=None, allow_pickle: bool = False,
                   variant: str | None = None) -> Pipeline:
-    """A diffusers Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    """A diffusers Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL:
+    also text_encoder_2/, tokenizer_2/, and model_index.json's force_zeros_for_empty_prompt, default True as in
+    diffusers' StableDiffusionXLPipeline)."""
     from fusion_jax.tokenizer import load_tokenizer
 
     root = resolve_model_path(path)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, variant=variant)
+    second = (root / "text_encoder_2" / "config.json").is_file()
+    index = {}
+    if (root / "model_index.json").is_file():
+        with open(root / "model_index.json") as f:
+            index = json.load(f)
     return Pipeline(
         unet=load_unet(root, **kwargs),
         vae=load_vae(root, **kwargs),
         text_encoder=load_text_encoder(root, **kwargs),
         tokenizer=load_tokenizer(root / "tokenizer"),
         schedule=load_schedule(root),
+        text_encoder_2=load_text_encoder(root, subfolder="text_encoder_2", **kwargs) if second else None,
+        tokenizer_2=load_tokenizer(root, subfolder="tokenizer_2") if second else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", second)),
     )
 
 

@@ -1,6 +1,11 @@
-"""Train-step benchmark: XLA FLOPs per step, compile time, step time, examples/s, MFU (on GPU).
+"""Train-step benchmark: XLA FLOPs per step, compile time, XLA memory, step time, examples/s, MFU (on GPU).
 
     python benchmarks/train_step.py [--rows tiny,tiny_bf16] [--steps 20] [--mesh -1,1,1] [--json FILE]
+    python benchmarks/train_step.py --rows fusion_tiny --remat none,full,dots_saveable,dots_with_no_batch_dims_saveable
+
+`--remat` repeats each UNet row once per `train.remat` policy (rows without a UNet have no remat: 'none' only);
+the `temp MiB` column is XLA's estimate of the step's temporaries (`compiled.memory_analysis()`: the saved
+activations live there), `XLA MiB` adds the arguments and outputs (state + batch).
 
 Each row is a (model, loss, batch spec, train config) in `ROWS`; the UNet / Face Fusion rows are added by
 their modules with `register_row`. FLOPs come from XLA's cost analysis of the compiled step: for a sharded
@@ -40,6 +45,8 @@ class Row:
     batch_size: int  # global batch size
     train: TrainConfig  # optimizer / precision settings
     timed: bool = True  # False: FLOPs and compile time only (a step too slow for this machine's CPU)
+    remat: str = "none"  # train.remat policy the model factory applies to the UNet blocks
+    with_remat: Callable[[str], "Row"] | None = None  # the same row with another train.remat policy (UNet rows)
 
 
 ROWS: dict[str, Row] = {}
@@ -69,13 +76,18 @@ def face_fusion_row(name: str, preset: str, resolution: int, reference_size: int
                                 f"data.pipeline.num_references={num_references}"])
     config = dataclasses.replace(config, train=train)
     assert isinstance(config, ExperimentConfig)
-    exp = build_experiment(config)
+    exp = build_experiment(config)  # its model factory applies config.train.remat to the UNet blocks
     unet = UNET_PRESETS[preset]()
     h, hr, c = resolution // PRESET_VAE_FACTOR, reference_size // PRESET_VAE_FACTOR, unet.in_channels
     spec = {"latent_mean": (h, h, c), "latent_logvar": (h, h, c), "reference_latent_mean": (num_references, hr, hr, c),
             "reference_latent_logvar": (num_references, hr, hr, c),
             "text_embedding": (config.model.text_length, unet.cross_attention_dims()[0])}
-    return Row(name, exp.model_factory, exp.loss_fn, spec, batch_size, train, timed)
+
+    def with_remat(policy: str) -> Row:
+        return face_fusion_row(name, preset, resolution, reference_size, batch_size,
+                               dataclasses.replace(train, remat=policy), num_references=num_references, timed=timed)
+
+    return Row(name, exp.model_factory, exp.loss_fn, spec, batch_size, train, timed, train.remat, with_remat)
 
 
 _FUSION_TRAIN = TrainConfig(steps=1000, lr=1e-4, warmup_steps=10, trainable="to_[kv]_ref")  # 'identity' mode
@@ -120,15 +132,20 @@ def bench_row(row: Row, mesh_cfg: MeshConfig, steps: int, peak: float | None) ->
         # equivalent grad_accum=1 step on the same global batch (identical math, same update).
         single = Trainer(row.model_factory, row.loss_fn, dataclasses.replace(row.train, grad_accum=1), mesh)
         flops = _flops(single.lower(batch_shapes).compile())
+    memory = compiled.memory_analysis()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     n_params += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.frozen))
     result = {
         "row": row.name,
+        "remat": row.remat,
         "mesh": "x".join(str(v) for v in mesh.devices.shape),
         "params": n_params,
         "batch": row.batch_size,
         "gflops_per_step_per_device": flops / 1e9,
         "compile_s": compile_s,
+        "temp_mib": memory.temp_size_in_bytes / 2**20 if memory is not None else None,
+        "xla_mib": (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes) / 2**20
+        if memory is not None else None,
         "step_ms": None,
         "examples_per_s": None,
         "mfu": None,
@@ -159,26 +176,43 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from {list(ROWS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row (median reported)")
     parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (one may be -1)")
+    parser.add_argument("--remat", default="none",
+                        help="comma-separated train.remat policies: each UNet row once per policy")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    from fusion_jax.models.remat import REMAT_POLICIES
+
+    policies = args.remat.split(",")
+    for policy in policies:
+        if policy not in REMAT_POLICIES:
+            parser.error(f"--remat {policy!r}: expected names from {list(REMAT_POLICIES)}")
     mesh_cfg = MeshConfig(*(int(v) for v in args.mesh.split(",")))
     backend = jax.default_backend()
     peak = matmul_peak_flops() if backend == "gpu" else None
-    results = [bench_row(ROWS[name], mesh_cfg, args.steps, peak) for name in args.rows.split(",")]
+    rows = []
+    for name in args.rows.split(","):
+        row = ROWS[name]
+        if row.with_remat is None:
+            rows.append(row)
+        else:
+            rows += [row if policy == row.remat else row.with_remat(policy) for policy in policies]
+    results = [bench_row(row, mesh_cfg, args.steps, peak) for row in rows]
 
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({backend})"
     print(f"# train step, {device}" + (f", measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s/device" if peak else ""))
     if peak is None:
         print(f"# MFU not measurable: no GPU ({backend} backend); rows marked 'not timed' report FLOPs and compile only")
-    header = f"{'row':<18}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/dev':>12}{'compile s':>11}{'step ms':>10}{'ex/s':>10}{'MFU':>7}"
+    header = (f"{'row':<18}{'remat':<34}{'mesh':>8}{'params':>10}{'batch':>7}{'GFLOP/dev':>12}{'compile s':>11}"
+              f"{'temp MiB':>10}{'XLA MiB':>10}{'step ms':>10}{'ex/s':>10}{'MFU':>7}")
     print(header)
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         timing = (f"{r['step_ms']:>10.2f}{r['examples_per_s']:>10.1f}" if r["step_ms"] is not None
                   else f"{'not timed':>20}")
+        mem = "".join(f"{v:>10.1f}" if v is not None else f"{'-':>10}" for v in (r["temp_mib"], r["xla_mib"]))
         print(
-            f"{r['row']:<18}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}{r['gflops_per_step_per_device']:>12.4f}"
-            f"{r['compile_s']:>11.2f}{timing}{mfu:>7}"
+            f"{r['row']:<18}{r['remat']:<34}{r['mesh']:>8}{r['params']:>10}{r['batch']:>7}"
+            f"{r['gflops_per_step_per_device']:>12.4f}{r['compile_s']:>11.2f}{mem}{timing}{mfu:>7}"
         )
     if args.json:
         with open(args.json, "w") as f:

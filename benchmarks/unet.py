@@ -1,12 +1,16 @@
-"""UNet forward: XLA FLOPs, compile time, our forward vs diffusers' PyTorch UNet (same weights, same machine).
+"""UNet forward and train step: ours (jitted NNX UNet) vs diffusers' PyTorch UNet, same weights, same machine.
 
-    python benchmarks/unet.py                       # tiny and mid configs (seconds on a CPU)
-    python benchmarks/unet.py --configs tiny,mid,sd15 --repeats 3 --json out/unet.json
+    python benchmarks/unet.py                       # tiny and mid configs, forward + train step
+    python benchmarks/unet.py --configs tiny,mid,sd15 --repeats 5 --no-train --json out/unet.json
 
 Both models get identical random weights (diffusers' initialisation, copied into ours with the checkpoint
-converter). Times are medians over `--repeats` calls after one warm-up; the ratio is ours / PyTorch measured side
-by side in one run. Peak memory: XLA's buffer estimate for our call, and this process's peak RSS after each model
-ran (monotonic, so read it as an upper bound for whichever ran later).
+converter). The two sides ALTERNATE call by call (ours, PyTorch, ours, PyTorch, ...) after one warm-up each, so
+load from other processes on a shared machine hits both alike; each pair gives a ratio ours / PyTorch and the
+table reports the median of those per-pair ratios with their min and max (quote ratios, not absolute times).
+Train step: forward + MSE loss + backward + AdamW update, ours one jitted step (params and optimizer state
+donated), PyTorch's eager loop (`zero_grad`, forward, `backward`, `AdamW.step`). Both use `--threads` CPU
+threads (PyTorch: `torch.set_num_threads`; ours: the process's XLA:CPU thread pool, sized by the cores it
+sees). Peak memory: XLA's buffer estimate for our forward call.
 """
 
 from __future__ import annotations
@@ -61,7 +65,25 @@ def build_pair(name: str):
     return torch_unet, ours, config
 
 
-def benchmark(name: str, batch: int, repeats: int) -> dict:
+def alternate(ours, theirs, repeats: int) -> dict:
+    """Times `ours()` and `theirs()` (each must block until done) alternately; per-pair ratio statistics."""
+    import statistics
+    import time
+
+    ours(), theirs()  # warm-up (compile / allocator)
+    pairs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours()
+        mid = time.perf_counter()
+        theirs()
+        pairs.append((mid - start, time.perf_counter() - mid))
+    ratios = [a / b for a, b in pairs]
+    return {"ours_s": statistics.median(a for a, _ in pairs), "torch_s": statistics.median(b for _, b in pairs),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def benchmark(name: str, batch: int, repeats: int, train: bool) -> list[dict]:
     import torch
     from flax import nnx
 
@@ -70,6 +92,7 @@ def benchmark(name: str, batch: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((batch, size, size, config.in_channels)).astype(np.float32)
     context = rng.standard_normal((batch, TEXT_TOKENS, CONFIGS[name]["cross_attention_dim"])).astype(np.float32)
+    target = rng.standard_normal((batch, size, size, config.out_channels)).astype(np.float32)
     t = np.full((batch,), 500, np.int32)
 
     graphdef, state = nnx.split(ours)
@@ -81,41 +104,87 @@ def benchmark(name: str, batch: int, repeats: int) -> dict:
     args = (state, jnp.asarray(sample), jnp.asarray(t), jnp.asarray(context))
     compile_s, compiled = common.compile_seconds(forward, *args)
     flops = common.xla_flops(forward, *args)
-    ours_s = common.median_seconds(lambda: compiled(*args).block_until_ready(), repeats)
-    rss_after_ours = common.peak_rss_mib()
-
-    torch.set_num_threads(os.cpu_count() or 1)
     ts, tt, tc = torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(context)
     with torch.no_grad():
-        torch_s = common.median_seconds(lambda: torch_unet(ts, tt, tc).sample, repeats)
         reference = torch_unet(ts, tt, tc).sample.numpy().transpose(0, 2, 3, 1)
+        timing = alternate(lambda: compiled(*args).block_until_ready(), lambda: torch_unet(ts, tt, tc).sample,
+                           repeats)
     ours_out = np.asarray(compiled(*args))
     rel_err = float(np.linalg.norm(ours_out - reference) / np.linalg.norm(reference))
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state))
-    return {
-        "config": name, "params_M": params / 1e6, "latent": f"{batch}x{size}x{size}",
-        "gflops_per_forward": flops / 1e9, "compile_s": compile_s, "ours_s": ours_s, "torch_s": torch_s,
-        "ours_over_torch": ours_s / torch_s, "xla_mem_mib": common.xla_memory_mib(compiled),
-        "peak_rss_after_ours_mib": rss_after_ours, "peak_rss_after_torch_mib": common.peak_rss_mib(),
-        "rel_l2_vs_torch": rel_err,
-    }
+    base = {"config": name, "params_M": params / 1e6, "latent": f"{batch}x{size}x{size}"}
+    rows = [{**base, "what": "forward", "gflops": flops / 1e9, "compile_s": compile_s, **timing,
+             "xla_mem_mib": common.xla_memory_mib(compiled), "rel_l2_vs_torch": rel_err}]
+    if train:
+        rows.append({**base, "what": "train step", **train_step_pair(torch_unet, ours, sample, t, context, target,
+                                                                      repeats)})
+    return rows
+
+
+def train_step_pair(torch_unet, ours, sample, t, context, target, repeats: int) -> dict:
+    """Forward + MSE + backward + AdamW(lr 1e-4): our jitted step vs PyTorch's eager loop, alternated."""
+    import optax
+    import torch
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    tx = optax.adamw(1e-4)
+    jx = tuple(jnp.asarray(a) for a in (sample, t, context, target))
+
+    def step(params, opt_state, sample, t, context, target):
+        def loss_fn(p):
+            pred = nnx.merge(graphdef, p, rest)(sample, t, context)
+            return jnp.mean((pred - target) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    opt_state = jax.jit(tx.init)(params)
+    compile_s, compiled = common.compile_seconds(jitted, params, opt_state, *jx)
+    flops = common.xla_flops(jitted, params, opt_state, *jx)
+    carry = {"params": params, "opt": opt_state}
+
+    def ours_step():
+        carry["params"], carry["opt"], loss = compiled(carry["params"], carry["opt"], *jx)
+        loss.block_until_ready()
+
+    torch_unet.train()
+    optimizer = torch.optim.AdamW(torch_unet.parameters(), lr=1e-4)
+    ts, tt, tc = torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(context)
+    ttarget = torch.from_numpy(target.transpose(0, 3, 1, 2))
+
+    def torch_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(torch_unet(ts, tt, tc).sample, ttarget)
+        loss.backward()
+        optimizer.step()
+
+    timing = alternate(ours_step, torch_step, repeats)
+    return {"gflops": flops / 1e9, "compile_s": compile_s, **timing, "xla_mem_mib": common.xla_memory_mib(compiled)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny,mid", help=f"comma-separated from {sorted(CONFIGS)}")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="alternating (ours, PyTorch) pairs per row")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch CPU threads")
+    p.add_argument("--no-train", action="store_true", help="forward only (no train-step rows)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
-    rows = [benchmark(n, args.batch, args.repeats) for n in names]
-    common.print_table(rows, ["config", "params_M", "latent", "gflops_per_forward", "compile_s", "ours_s",
-                              "torch_s", "ours_over_torch", "xla_mem_mib", "peak_rss_after_torch_mib",
-                              "rel_l2_vs_torch"])
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = [row for n in names for row in benchmark(n, args.batch, args.repeats, not args.no_train)]
+    common.print_table(rows, ["config", "what", "params_M", "latent", "gflops", "compile_s", "ours_s", "torch_s",
+                              "ratio_median", "ratio_min", "ratio_max", "xla_mem_mib", "rel_l2_vs_torch"])
+    print(f"ratio = ours / PyTorch per alternating pair ({args.repeats} pairs); torch threads {args.threads}")
     print(f"device: {common.device_description()}")
     common.write_json(args.json, {"device": common.device_description(), "rows": rows})
     return 0

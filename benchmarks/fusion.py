@@ -309,6 +309,50 @@ def count_case(ab: Abstract, case: Case, with_times: bool = False, analysis: str
     return row
 
 
+def _concrete(tree):
+    """Zeros of the abstract leaves (timing does not depend on the weights' values)."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, tree)
+
+
+def time_cases(ab: Abstract, cases: list, repeats: int) -> dict[str, dict]:
+    """CPU (or whatever device JAX has) seconds per image of each case: one-off parts + steps x one step, every
+    case compiled first, then measured round-robin (case by case within each repeat) so that a machine's load
+    drifts over all rows alike; ratios to the first case (base) are taken within each repeat, then the median."""
+    from fusion_jax import sampling
+
+    runners = []
+    for case in cases:
+        graphdefs, states = ab.models(ab.fusion_cfg(case))
+        states, inputs, latents = _concrete(states), _concrete(ab.inputs(case)), _concrete(ab.latent())
+        one_off, step = one_off_fn(ab, case, graphdefs), step_fn(ab, case, graphdefs)
+        parts = one_off(states, inputs, latents)
+        parts.pop("image")
+        sampler = sampling._make_sampler(ab.sampling_cfg(case), ab.schedule)
+        sstate = sampler.init_state(latents)
+        key, i = jax.random.key(0), jnp.int32(0)
+        jax.block_until_ready(step(states, latents, sstate, i, key, parts, inputs))  # compile
+
+        def run(one_off=one_off, step=step, states=states, inputs=inputs, latents=latents, parts=parts,
+                sstate=sstate, key=key, i=i):
+            t0 = time.perf_counter()
+            jax.block_until_ready(one_off(states, inputs, latents))
+            t1 = time.perf_counter()
+            jax.block_until_ready(step(states, latents, sstate, i, key, parts, inputs))
+            return (t1 - t0) + ab.num_steps * (time.perf_counter() - t1)
+
+        runners.append(run)
+    times = [[] for _ in cases]
+    for _ in range(repeats):
+        for k, run in enumerate(runners):
+            times[k].append(run())
+    out = {}
+    for case, t in zip(cases, times):
+        ratios = sorted(a / b for a, b in zip(t, times[0]))
+        out[case.name] = {"image_seconds": sorted(t)[len(t) // 2], "seconds_ratio_vs_base": ratios[len(ratios) // 2],
+                          "seconds_ratio_min": ratios[0], "seconds_ratio_max": ratios[-1]}
+    return out
+
+
 def method_cases(names: str, reference_counts, text_width: int = 768) -> list[Case]:
     """Rows of other registered methods (`--methods`): 'flashface' (ReferenceNet at every step, as released),
     'flashface_cached' (ReferenceNet once at t=0), 'single_token', 'ip_adapter_faceid', 'facestudio' (text branch
@@ -342,6 +386,11 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="",
                    help="extra rows of other methods: flashface, flashface_cached, single_token, ip_adapter_faceid, "
                         "facestudio (comma-separated)")
+    p.add_argument("--only-base", action="store_true",
+                   help="leave out the Face Fusion rows: base text-to-image and the --methods rows only")
+    p.add_argument("--time", type=int, default=0, metavar="REPEATS",
+                   help="also measure seconds per image on this machine's device, REPEATS rounds alternating the "
+                        "rows (0: FLOPs only; at --size sd15 on a CPU a step takes minutes)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -355,7 +404,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--references must be positive integers (e.g. 1,4); or {e}") from None
 
     rows = []
-    for case in default_cases(counts) + method_cases(args.methods, counts, ab.text_cfg.hidden_size):
+    cases = default_cases(counts)
+    cases = (cases[:1] if args.only_base else cases) + method_cases(args.methods, counts, ab.text_cfg.hidden_size)
+    for case in cases:
         row = count_case(ab, case, with_times=True, analysis=args.analysis)
         rows.append(row)
         print(f"  {case.name}: {row['image_flops'] / 1e12:.3f} TFLOP ({row['count_seconds']:.0f} s)", flush=True)
@@ -368,19 +419,27 @@ def main(argv=None) -> int:
     print(f"\nFLOPs per generated image: {args.size}, {ab.image}x{ab.image}, {args.steps} steps, reference crops "
           f"{ab.reference_size}x{ab.reference_size} px ({ab.reference_size // ab.vae_factor}x"
           f"{ab.reference_size // ab.vae_factor} latents), batch 1, float32, {args.analysis} HLO cost analysis")
-    common.print_table(rows, ["case", "predictions_per_step", "one_off_gflop", "step_gflop", "image_tflop",
-                              "ratio_vs_base", "denoiser_params_mib"])
+    columns = ["case", "predictions_per_step", "one_off_gflop", "step_gflop", "image_tflop", "ratio_vs_base",
+               "denoiser_params_mib"]
+    if args.time:
+        for row, (name, timing) in zip(rows, time_cases(ab, cases, args.time).items()):
+            row.update(timing)
+        columns += ["image_seconds", "seconds_ratio_vs_base", "seconds_ratio_min", "seconds_ratio_max"]
+        print(f"seconds per image: {jax.devices()[0].platform}, median of {args.time} round-robin repeats "
+              f"({common.device_description()})")
+    common.print_table(rows, columns)
     by_name = {r["case"]: r for r in rows}
     payload = {"size": args.size, "image_size": ab.image, "steps": args.steps, "reference_size": ab.reference_size,
                "target_ratio": TARGET_RATIO, "base_image_flops": base, "analysis": args.analysis, "rows": rows}
     for form, suffix in (("cfg", ""), ("disentangled", "_disentangled")):
         for timestep in ("fixed", "current"):
             for n in counts:
-                payload[f"{timestep}_{n}ref{suffix}_flops_ratio"] = by_name[f"{timestep}_{n}ref_{form}"]["ratio_vs_base"]
+                if f"{timestep}_{n}ref_{form}" in by_name:
+                    payload[f"{timestep}_{n}ref{suffix}_flops_ratio"] = by_name[f"{timestep}_{n}ref_{form}"]["ratio_vs_base"]
     for row in rows:
         if row["case"].startswith(("flashface", "single_token", "ip_adapter_faceid", "facestudio")):
             payload[f"{row['case']}_flops_ratio"] = row["ratio_vs_base"]
-    if 4 in counts:
+    if 4 in counts and not args.only_base:
         ratio = payload["fixed_4ref_flops_ratio"]
         payload["target_met"] = ratio <= TARGET_RATIO
         print(f"\nfixed, 4 references, cfg guidance: {ratio:.4f}x base (target <= {TARGET_RATIO}: "

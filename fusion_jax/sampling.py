@@ -227,7 +227,7 @@ def _text_to_image(models, inputs, noise, key, *, cfg: SamplingConfig, schedule,
     else:
         from fusion_jax.identity import base as identity_base
 
-        empty_text = text_encoder(inputs["empty_ids"]).last_hidden_state
+        empty_text, _ = encode_prompts(text_encoders, inputs["empty_ids"])
         ref_latents = encode_reference_images(vae, inputs["references"].astype(jnp.float32))
         parts = reference_parts(text_uncond, text_cond, empty_text, ref_latents, inputs, schedule)
         latents = denoise_with_references(unet, sampler, latents, parts, key, cfg,

@@ -33,8 +33,6 @@ from typing import Optional, Sequence
 
 from fusion_jax import cli_utils
 
-__all__ = ["parse_args", "read_prompts", "check_reference_args", "prepare_references", "main"]
-
 
 def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])

@@ -10,7 +10,7 @@ import sys
 # a checkout's scripts run its own fusion_jax (before any installed copy); the library never edits sys.path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusion_jax.cli.evaluate import *  # noqa: E402,F401,F403  (tests load this file and call main / helpers)
+from fusion_jax.cli.evaluate import *  # noqa: E402,F401,F403  (every public name: tests call main / helpers)
 from fusion_jax.cli.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":

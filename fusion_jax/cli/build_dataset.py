@@ -16,8 +16,6 @@ from typing import Optional, Sequence
 from fusion_jax.data.face_identities import FaceIdentitiesBuildConfig, build_face_identities
 from fusion_jax.data.faces import DEFAULT_MODEL_DIR, FaceAnalyzerConfig
 
-__all__ = ["parse_args", "main"]
-
 
 def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     defaults = FaceIdentitiesBuildConfig()

@@ -19,8 +19,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["export_run", "main"]
-
 
 def export_run(workdir: str, out: str, step: int | None = None, use_ema: bool = False):
     """Restores WORKDIR's checkpoint and writes the export; returns (out, step)."""

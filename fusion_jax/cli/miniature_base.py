@@ -26,8 +26,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-__all__ = ["main"]
-
 
 def _machine() -> dict:
     cpu = platform.processor() or platform.machine()

@@ -16,8 +16,6 @@ from typing import Optional, Sequence
 
 from fusion_jax.data.preencoded import PreencodeConfig, preencode_source
 
-__all__ = ["parse_args", "open_source", "main"]
-
 
 def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     defaults = PreencodeConfig()

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-__all__ = ["main"]
-
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

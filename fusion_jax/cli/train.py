@@ -16,8 +16,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main"]
-
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)

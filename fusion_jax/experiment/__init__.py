@@ -179,8 +179,10 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
 
 def run(config: ExperimentConfig, workdir: Optional[str] = None):
     """Builds the experiment and trains it (`fusion_jax.training.train`); returns its TrainResult."""
+    from fusion_jax.parallel import maybe_initialize_distributed
     from fusion_jax.training import train
 
+    maybe_initialize_distributed(config.distributed)  # a multi-process run starts it before any device work
     exp = build_experiment(config)
     return train(config, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory, workdir,
                  trainable=exp.trainable, pretrained=exp.pretrained)

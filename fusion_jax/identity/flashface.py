@@ -1091,7 +1091,7 @@ class FlashFace(IdentityMethod):
         return refs_lib.ReferenceSet(crops[None], np.ones((1, len(crops)), bool), records)
 
     def add_arguments(self, parser) -> None:
-        group = parser.add_argument_group("FlashFace (--method flashface)")
+        group = parser  # the CLI hands each method its own argument group (a group in a group hides from --help)
         group.add_argument("--preset", choices=PRESETS, default=None,
                            help="'code': the released defaults (DDIM trailing 35 steps, g_ref 3.2, gate 750, "
                                 "lambda 1.2 / 0.85, rescale 0.5); 'paper': lambda 0.85, g_ref 2, no gate, DDIM 50")

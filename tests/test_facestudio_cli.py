@@ -7,6 +7,7 @@ the encoder / img2img errors."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -47,8 +48,8 @@ def test_encoder_folders_and_img2img_errors(tmp_path):
     unet = weights.load_pipeline(_tiny(tmp_path)).unet
     model = method.attach(unet, cfg)
     folder = _style_encoder_folder(tmp_path / "clip12", 12)
-    with pytest.raises(ValueError, match=r"facestudio.style_encoder .*clip12: gives 12-wide image_embeds, "
-                                         r"facestudio.style_dim is 8"):
+    with pytest.raises(ValueError, match=r"facestudio.style_encoder .*clip12: the towers give 12 = 12-wide "
+                                         r"image_embeds, facestudio.style_dim is 8"):
         method.prepare_model(model, dataclasses.replace(cfg, style_encoder=str(folder)))
     with pytest.raises(ValueError, match=r"facestudio.style_encoder .*nowhere: cannot load"):
         method.prepare_model(model, dataclasses.replace(cfg, style_encoder=str(tmp_path / "nowhere")))
@@ -91,7 +92,7 @@ def test_cli_style_encoder_img2img_and_default_sampler(tiny_dir, photos, tmp_pat
     settings = cli_utils.read_png_settings(out / "00000.png")
     assert settings["sampling"]["scheduler"] == "euler_ancestral"  # the method's default sampler
     assert settings["sampling"]["num_steps"] == 2 and settings["sampling"]["init_strength"] == 0.5  # flags win
-    assert settings["facestudio"]["img2img"] and settings["facestudio"]["style_encoder"] == str(encoder)
+    assert settings["facestudio"]["img2img"] and settings["facestudio"]["style_encoder"] == [str(encoder)]
 
     # the same generation called directly
     analyzer = FaceAnalyzer(FaceAnalyzerConfig(backend="opencv"))
@@ -141,3 +142,35 @@ def test_identity_mask_flags(photos, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit, match="not both"):
         cli.check_reference_args(cli.parse_args(common + ["--identity-mask", str(tmp_path / "left.png")] * 2
                                                 + ["--identity-box", "0,0,4,4"] * 2))
+
+
+def test_several_style_towers_are_concatenated(tmp_path):
+    """facestudio.style_encoder as a list (the paper concatenates ViT-L/14, RN101 and ViT-B/32): a ViT folder and an
+    RN safetensors file, each fed at its own input size, their embeddings concatenated in order; checked against
+    transformers' CLIPVisionModelWithProjection and the PyTorch ModifiedResNet reference of test_clip_resnet."""
+    from safetensors.numpy import save_file
+
+    from fusion_jax.models.clip_resnet import CLIPResNetConfig
+    from tests.test_clip_resnet import openai_layout, reference
+    from transformers import CLIPVisionModelWithProjection
+
+    vit = _style_encoder_folder(tmp_path / "vit", 8)  # 32 px input
+    rn_ref = reference(CLIPResNetConfig(layers=(1, 1, 1, 1), width=8, output_dim=16, head_width=64, image_size=64), 0)
+    save_file(openai_layout(rn_ref), str(tmp_path / "rn.safetensors"))
+    cfg = fs.FaceStudioConfig(num_tokens=2, style_dim=8 + 16, face_dim=6,
+                              style_encoder=(str(vit), str(tmp_path / "rn.safetensors")))
+    method = base.get("facestudio")
+    model = method.prepare_model(method.attach(weights.load_pipeline(_tiny(tmp_path)).unet, cfg), cfg)
+    assert fs.style_input_size(model.facestudio, cfg) == 32
+    pixels = np.random.default_rng(3).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    ours = np.asarray(fs.style_embedding(model, jnp.asarray(pixels), 2))
+    up = np.asarray(jax.image.resize(pixels, (2, 64, 64, 3), "bicubic", antialias=True))
+    with torch.no_grad():
+        vit_theirs = CLIPVisionModelWithProjection.from_pretrained(vit)(
+            pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).image_embeds.numpy()
+        rn_theirs = rn_ref(torch.from_numpy(up.transpose(0, 3, 1, 2).copy()))[0].numpy()
+    # float32 through two small towers: ~1e-6 relative; the order and the per-tower resize are what is checked
+    np.testing.assert_allclose(ours, np.concatenate([vit_theirs, rn_theirs], axis=-1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"the towers give 8\+16 = 24-wide image_embeds, facestudio.style_dim is 8"):
+        method.prepare_model(method.attach(weights.load_pipeline(_tiny(tmp_path)).unet, dataclasses.replace(
+            cfg, style_dim=8)), dataclasses.replace(cfg, style_dim=8))

@@ -94,14 +94,21 @@ class FaceStudioConfig:
     #   one person drawn at random per image
     prior_steps: int = 25  # text_branch 'prior': UnCLIP sampling steps of the prior
     prior_guidance: float = 4.0  # text_branch 'prior': classifier-free guidance scale of the prior (Karlo: 4)
-    style_encoder: str | None = None  # folder of the CLIP vision tower with projection that encodes style images
-    #   (transformers layout: a CLIPVisionModelWithProjection or a whole CLIPModel); --style-encoder
+    style_encoder: tuple[str, ...] | None = None  # the style towers, their image_embeds concatenated in this order
+    #   (the paper: ViT-L/14, RN101, ViT-B/32): a folder is a CLIP ViT (transformers CLIPVisionModelWithProjection
+    #   or a whole CLIPModel), a .safetensors file an OpenAI / open_clip RN tower (`visual.*` keys); --style-encoder
     prior: str | None = None  # text_branch 'prior': Karlo-style folder (prior/, prior_scheduler/, text_encoder/);
     #   --prior
     img2img: bool = False  # sampling: start from the style image's noised latents (SamplingConfig.init_strength
     #   says how much of the schedule is re-run); --img2img-strength
 
     def __post_init__(self):
+        if isinstance(self.style_encoder, (str, Path)):  # one tower given as a plain path
+            object.__setattr__(self, "style_encoder", (str(self.style_encoder),))
+        elif self.style_encoder is not None:
+            object.__setattr__(self, "style_encoder", tuple(str(p) for p in self.style_encoder))
+            if not self.style_encoder:
+                raise ValueError("facestudio.style_encoder must name at least one tower, or be null")
         if self.outside not in OUTSIDE:
             raise ValueError(f"facestudio.outside must be one of {OUTSIDE}, got {self.outside!r}")
         if self.prior_guidance < 0:
@@ -294,17 +301,41 @@ def pooled_text(text_hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(text_hidden, eos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
+def style_towers(adapter: "FaceStudioAdapter") -> list:
+    """The adapter's style towers (one module, or several whose embeddings are concatenated)."""
+    enc = adapter.style_encoder
+    if enc is None:
+        return []
+    return list(enc) if isinstance(enc, (list, tuple, nnx.List)) else [enc]
+
+
+def style_input_size(adapter: "FaceStudioAdapter", cfg: "FaceStudioConfig") -> int:
+    """Side of the style pixels handed to the towers: the first tower's input size (others resize), else
+    `facestudio.style_size`."""
+    towers = style_towers(adapter)
+    return towers[0].config.image_size if towers else cfg.style_size
+
+
 def style_embedding(model, pixels: jax.Array | None, batch: int) -> jax.Array:
-    """CLIP_V(style) (B, style_dim) of CLIP-normalised pixels (B, S, S, 3) through the adapter's style encoder;
-    zeros when `pixels` is None (no style)."""
+    """CLIP_V(style) (B, style_dim) of CLIP-normalised pixels (B, S, S, 3) through the adapter's style towers
+    (each at its own input size: bicubic resize of the normalised pixels, a linear map that commutes with the
+    per-channel normalisation), their embeddings concatenated; zeros when `pixels` is None (no style)."""
     adapter = _adapter(model)
     if pixels is None:
         return jnp.zeros((batch, adapter.style_dim), jnp.float32)
-    if adapter.style_encoder is None:
-        raise ValueError("facestudio: a style image was given but the adapter has no style encoder (attach with "
-                         "style_encoder=encoders.load_clip_vision(FOLDER))")
-    out = adapter.style_encoder(pixels)
-    emb = out.image_embeds if out.image_embeds is not None else out.pooler_output
+    towers = style_towers(adapter)
+    if not towers:
+        raise ValueError("facestudio: a style image was given but the adapter has no style encoder (set "
+                         "facestudio.style_encoder, or attach with style_encoder=encoders.load_clip_vision(FOLDER))")
+    embs = []
+    for tower in towers:
+        size = tower.config.image_size
+        x = pixels
+        if x.shape[1:3] != (size, size):
+            x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), method="bicubic", antialias=True)
+        out = tower(x)
+        embs.append(out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output)
+    emb = jnp.concatenate([e.astype(jnp.float32) for e in embs], axis=-1)
     if emb.shape[-1] != adapter.style_dim:
         raise ValueError(f"facestudio.style_dim={adapter.style_dim}, the style encoder gives {emb.shape[-1]}")
     return emb.astype(jnp.float32)
@@ -331,6 +362,24 @@ def style_init_image(path, height: int, width: int, *, what: str = "facestudio.s
     from fusion_jax.data.images import read_centre_crop
 
     return read_centre_crop(path, height, width, what) * 2.0 - 1.0
+
+
+def _load_style_tower(path: str):
+    """One style tower and its embedding width: a folder -> our CLIP ViT with projection; a file -> an OpenAI /
+    open_clip ModifiedResNet (`visual.*` keys). Errors name `facestudio.style_encoder` and the path."""
+    from fusion_jax import encoders
+
+    try:
+        if Path(path).is_file():
+            tower = encoders.load_clip_resnet(path)
+            return tower, tower.config.output_dim
+        tower = encoders.load_clip_vision(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"facestudio.style_encoder {path}: cannot load the CLIP image tower ({e})") from e
+    if not hasattr(tower, "visual_projection"):
+        raise ValueError(f"facestudio.style_encoder {path}: a CLIP vision tower without projection (no "
+                         "image_embeds); give a CLIPVisionModelWithProjection or CLIPModel folder")
+    return tower, tower.config.projection_dim
 
 
 def _adapter(model) -> FaceStudioAdapter:
@@ -395,11 +444,10 @@ def reconstruction_loss(model, batch: dict, rng: jax.Array, schedule, cfg: FaceS
     elif "style_image" in batch:
         style = style_embedding(model, batch["style_image"], b)
     elif "masked_target" in batch:  # the image stream's face-masked target, encoded here by the style encoder
-        encoder = _adapter(model).style_encoder
-        if encoder is None:
+        if not style_towers(_adapter(model)):
             raise ValueError("facestudio loss: the batch's 'masked_target' needs the style encoder (set "
                              "facestudio.style_encoder to a CLIP vision folder)")
-        style = style_embedding(model, clip_pixels(batch["masked_target"], encoder.config.image_size), b)
+        style = style_embedding(model, clip_pixels(batch["masked_target"], style_input_size(_adapter(model), cfg)), b)
     else:
         raise ValueError(f"facestudio loss: batch needs 'style_embedding', 'style_image' or 'masked_target' (has "
                          f"{sorted(batch)})")
@@ -458,19 +506,16 @@ class FaceStudio(IdentityMethod):
     def prepare_model(self, model, cfg: FaceStudioConfig):
         adapter = _adapter(model)
         if cfg.style_encoder is not None and adapter.style_encoder is None:
-            from fusion_jax import encoders
-
-            try:
-                encoder = encoders.load_clip_vision(cfg.style_encoder)
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"facestudio.style_encoder {cfg.style_encoder}: cannot load the CLIP vision tower "
-                                 f"({e})") from e
-            width = getattr(encoder.config, "projection_dim", None) if hasattr(encoder, "visual_projection") else None
-            if width != cfg.style_dim:
-                raise ValueError(f"facestudio.style_encoder {cfg.style_encoder}: gives "
-                                 f"{'no projected image_embeds' if width is None else f'{width}-wide image_embeds'}, "
+            towers, widths = [], []
+            for path in cfg.style_encoder:
+                tower, width = _load_style_tower(path)
+                towers.append(tower)
+                widths.append(width)
+            if sum(widths) != cfg.style_dim:
+                raise ValueError(f"facestudio.style_encoder {', '.join(cfg.style_encoder)}: the towers give "
+                                 f"{'+'.join(map(str, widths))} = {sum(widths)}-wide image_embeds, "
                                  f"facestudio.style_dim is {cfg.style_dim}")
-            adapter.style_encoder = nnx.data(encoder)
+            adapter.style_encoder = nnx.data(towers[0]) if len(towers) == 1 else nnx.List(towers)
         if cfg.text_branch == "prior" and cfg.prior is not None and adapter.prior is None:
             try:
                 load_prior_branch(model, cfg.prior, cfg)
@@ -507,8 +552,7 @@ class FaceStudio(IdentityMethod):
         out = {"face_embeds": jnp.asarray(emb),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
         if cfg.style_image is not None:
-            encoder = _adapter(model).style_encoder  # its own input size wins over facestudio.style_size
-            size = encoder.config.image_size if encoder is not None else cfg.style_size
+            size = style_input_size(_adapter(model), cfg)  # the towers' input size wins over facestudio.style_size
             pixels = load_style_image(cfg.style_image, size, what="facestudio.style_image")
             out["style_pixels"] = jnp.broadcast_to(jnp.asarray(pixels), (batch,) + pixels.shape)
             if cfg.img2img:
@@ -565,8 +609,9 @@ class FaceStudio(IdentityMethod):
                             help="FaceStudio hybrid weight: 1 = style image branch only, 0 = text branch only")
         parser.add_argument("--beta", default=None,
                             help="FaceStudio per-reference weights B[,B...] of the blended face embedding")
-        parser.add_argument("--style-encoder", default=None,
-                            help="FaceStudio: CLIP vision folder that encodes --style-image (facestudio.style_encoder)")
+        parser.add_argument("--style-encoder", action="append", default=None, metavar="PATH",
+                            help="FaceStudio style tower (repeat for several, embeddings concatenated in order): a "
+                                 "CLIP ViT folder or an RN .safetensors file (facestudio.style_encoder)")
         parser.add_argument("--prior", default=None,
                             help="FaceStudio: prior folder (Karlo layout) for the text branch; sets "
                                  "facestudio.text_branch=prior")
@@ -588,12 +633,16 @@ class FaceStudio(IdentityMethod):
             changes["alpha"] = float(args.alpha)
         if getattr(args, "beta", None) is not None:
             changes["betas"] = parse_betas(args.beta)
-        for flag, key in (("style_encoder", "--style-encoder"), ("prior", "--prior")):
-            value = getattr(args, flag, None)
-            if value is not None:
-                if not Path(value).is_dir():
-                    raise ValueError(f"{key} {value}: no such folder")
-                changes[flag] = str(value)
+        towers = getattr(args, "style_encoder", None)
+        if towers:
+            for path in towers:
+                if not Path(path).exists():
+                    raise ValueError(f"--style-encoder {path}: no such folder or file")
+            changes["style_encoder"] = tuple(str(p) for p in towers)
+        if getattr(args, "prior", None) is not None:
+            if not Path(args.prior).is_dir():
+                raise ValueError(f"--prior {args.prior}: no such folder")
+            changes["prior"] = str(args.prior)
         if getattr(args, "prior", None) is not None:
             changes["text_branch"] = "prior"
         strength = getattr(args, "img2img_strength", None)
@@ -615,5 +664,5 @@ class FaceStudio(IdentityMethod):
 __all__ = ["FaceStudio", "FaceStudioConfig", "FaceStudioAdapter", "attach_adapter", "attach_prior",
            "load_prior_branch", "prior_text_embedding", "fill_outside", "blend_faces", "hybrid_embedding",
            "hybrid_tokens", "identity_context", "pooled_text", "style_embedding", "load_style_image",
-           "style_init_image",
+           "style_init_image", "style_towers", "style_input_size",
            "reconstruction_loss", "trainable_filter", "parse_betas"]

@@ -312,14 +312,9 @@ def fid_features(model: FIDInceptionV3, images: np.ndarray, batch_size: int = 16
     def run(state, x):
         return nnx.merge(graphdef, state)(x.astype(jnp.float32) / 255.0)
 
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.uint8)])
-        out.append(np.asarray(run(state, jnp.asarray(chunk)), np.float64)[: batch_size - pad])
-    return np.concatenate(out) if out else np.zeros((0, model.config.feature_dim))
+    from fusion_jax.batching import map_padded_batches
+
+    return map_padded_batches(lambda x: run(state, x), images, batch_size, (0, model.config.feature_dim))
 
 
 def main(argv=None) -> int:

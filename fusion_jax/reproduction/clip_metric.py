@@ -122,14 +122,10 @@ class ClipMetric:
     def image_embeds(self, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
         """(N, P) unit-length projected image embeddings of RGB uint8 images (any sizes)."""
         pixels = np.stack([self.preprocess(np.asarray(im)) for im in images])
-        out = []
-        for start in range(0, len(pixels), batch_size):
-            chunk = pixels[start : start + batch_size]
-            pad = batch_size - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
-            out.append(np.asarray(self._image_fn(self.vision, jnp.asarray(chunk)), np.float64)[: batch_size - pad])
-        emb = np.concatenate(out)
+        from fusion_jax.batching import map_padded_batches
+
+        emb = map_padded_batches(lambda x: self._image_fn(self.vision, x), pixels.astype(np.float32), batch_size,
+                                 (0, 0))
         return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 

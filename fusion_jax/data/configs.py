@@ -16,7 +16,8 @@ class PipelineConfig:
 
     # Side of the square target image (pixels).
     resolution: int = 512
-    # References per example (1-4); fewer available photos are padded by duplication.
+    # References per example (0-4); fewer available photos are padded by duplication. 0: none are drawn or
+    # rendered (a text-to-image stream; identity objectives need >= 1).
     num_references: int = 4
     # Side of each square reference crop (pixels); source crops are resized to it.
     reference_size: int = 224
@@ -50,7 +51,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         checks = [
-            (1 <= self.num_references <= 4, "num_references", "1-4"),
+            (0 <= self.num_references <= 4, "num_references", "0-4"),
             (self.resolution > 0, "resolution", "> 0"),
             (self.reference_size > 0, "reference_size", "> 0"),
             (0.0 <= self.p_drop_text <= 1.0, "p_drop_text", "in [0, 1]"),

@@ -349,7 +349,9 @@ class FaceBatchIterator(PositionStream):
         masked_target = np.where(mask > 0.5, np.uint8(128), target)  # 128 -> 0.004 in [-1, 1]
         embedding, has_embedding = record_embedding(record)
         crops = {int(i): reference_crop(self.source, i) for i in np.unique(reference_indices)}
-        references = np.stack([make_reference(crops[int(i)], config, rng) for i in reference_indices])
+        references = (np.stack([make_reference(crops[int(i)], config, rng) for i in reference_indices])
+                      if len(reference_indices) else np.zeros((0, config.reference_size, config.reference_size, 3),
+                                                              np.uint8))
         return (
             target, references, mask, caption_text(record["caption"]).encode("utf-8"),
             np.bool_(drop_text), np.bool_(drop_reference), np.int64(record["identity"]), np.int32(num_real),

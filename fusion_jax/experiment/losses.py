@@ -19,6 +19,7 @@ import numpy as np
 from fusion_jax.config import ExperimentConfig
 from fusion_jax.experiment.models import TrainModel, identity_method
 from fusion_jax.identity import base as identity_base
+from fusion_jax.models.pixels import fold_pixels
 from fusion_jax.schedulers import NoiseSchedule, add_noise, snr, training_target
 
 
@@ -71,8 +72,10 @@ def text_to_image_loss(unet, x0, text, empty, rng, schedule: NoiseSchedule, text
 
 
 def make_loss(config: ExperimentConfig, *, schedule: NoiseSchedule, empty_ids: Optional[np.ndarray],
-              empty_text_emb: Optional[np.ndarray], latent_scale: tuple[float, float]):
-    """`loss_fn(model, batch, rng) -> (loss, aux)` for `config`'s latents mode and objective."""
+              empty_text_emb: Optional[np.ndarray], latent_scale: tuple[float, float], pixel_fold: int = 1):
+    """`loss_fn(model, batch, rng) -> (loss, aux)` for `config`'s latents mode and objective (`pixel_fold`: the
+    f of a pixel-space UNet with 3 f^2 input channels, `models/pixels.py`)."""
+    fold = pixel_fold
     mode, objective = config.model.latents, config.objective
     method = identity_method(config)
     method_cfg = identity_base.method_config(config, method) if method is not None else None
@@ -92,8 +95,10 @@ def make_loss(config: ExperimentConfig, *, schedule: NoiseSchedule, empty_ids: O
             if mode == "vae":
                 x0 = _encode_images(model.vae, batch["target"], k_x)
                 refs = _encode_images(model.vae, batch["references"], k_ref) if method is not None else None
-            else:  # pixel
+            else:  # pixel: folded f x f into channels when the UNet has 3 f^2 of them
                 x0, refs = batch["target"], batch.get("references") if method is not None else None
+                x0 = fold_pixels(x0, fold)
+                refs = fold_pixels(refs, fold) if refs is not None else None
             text = model.text_encoder(batch["input_ids"]).last_hidden_state
             empty = model.text_encoder(jnp.asarray(empty_ids)[None]).last_hidden_state
         return jax.tree.map(jax.lax.stop_gradient, (x0, refs, text, empty))

@@ -56,7 +56,8 @@ def register_row(row: Row) -> None:
     ROWS[row.name] = row
 
 
-_TINY_TRAIN = TrainConfig(steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.999)
+# rows are float32 unless named _bf16 (pinned: train.compute_dtype's default 'auto' is bfloat16 on an accelerator)
+_TINY_TRAIN = TrainConfig(steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.999, compute_dtype="float32")
 register_row(Row("tiny", make_tiny_model, tiny_loss, BATCH_SPEC, 64, _TINY_TRAIN))
 register_row(Row("tiny_bf16", make_tiny_model, tiny_loss, BATCH_SPEC, 64, dataclasses.replace(_TINY_TRAIN, compute_dtype="bfloat16")))
 register_row(Row("tiny_accum4", make_tiny_model, tiny_loss, BATCH_SPEC, 64, dataclasses.replace(_TINY_TRAIN, grad_accum=4)))
@@ -90,7 +91,8 @@ def face_fusion_row(name: str, preset: str, resolution: int, reference_size: int
     return Row(name, exp.model_factory, exp.loss_fn, spec, batch_size, train, timed, train.remat, with_remat)
 
 
-_FUSION_TRAIN = TrainConfig(steps=1000, lr=1e-4, warmup_steps=10, trainable="to_[kv]_ref")  # 'identity' mode
+_FUSION_TRAIN = TrainConfig(steps=1000, lr=1e-4, warmup_steps=10, trainable="to_[kv]_ref",  # 'identity' mode
+                            compute_dtype="float32")
 register_row(face_fusion_row("fusion_tiny", "tiny", 128, 128, 8, _FUSION_TRAIN))  # 16x16 latents
 register_row(face_fusion_row("fusion_mid", "mid", 256, 128, 4, _FUSION_TRAIN))  # 32x32 latents, ~10M params
 # Headline: SD1.5-size UNet, 512x512 targets (64x64 latents), one 224 px reference (28x28 latents), bf16 compute

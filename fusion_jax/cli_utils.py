@@ -13,10 +13,13 @@ PNG_SETTINGS_KEY = "fusion_jax"
 
 
 def load_pipeline_arg(model: str, dtype: str = "float32"):
-    """`--model` value -> loaded pipeline; `tiny` writes (once) and loads the project's tiny random pipeline."""
+    """`--model` value -> loaded pipeline; `tiny` writes (once) and loads the project's tiny random pipeline.
+    `dtype` 'auto' is the backend's compute dtype (`fusion_jax.precision`); the weights are loaded in it."""
     import jax.numpy as jnp
 
-    from fusion_jax import weights
+    from fusion_jax import precision, weights
+
+    dtype = precision.resolve_compute_dtype(dtype)
 
     if model == "tiny":
         from fusion_jax.tiny import tiny_pipeline_dir
@@ -76,9 +79,12 @@ def attach_identity_modules(pipeline, identity_weights: str | Path | None, dtype
     import jax.numpy as jnp
     from flax import nnx
 
+    from fusion_jax import precision
     from fusion_jax.identity import base as identity_base
     from fusion_jax.identity import export as identity_export
     from fusion_jax.models.unet import UNet2DConditionModel
+
+    dtype = precision.resolve_compute_dtype(dtype)
 
     try:
         chosen = identity_base.get(method, what="--method") if method is not None else None

@@ -68,7 +68,9 @@ class TrainConfig:
     ema_decay: Optional[float] = None  # EMA of the trainable params (e.g. 0.9999); None = no EMA kept
     grad_accum: int = 1  # micro-batches per step (lax.scan inside the jitted step); batch_size must divide
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the stored (master) params
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params are cast to this for forward/backward
+    # params are cast to this for forward/backward; 'auto' = bfloat16 on GPU / TPU, float32 on CPU (the rule table
+    # of fusion_jax.precision, resolved where the model is built and in the train step)
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     mu_dtype: Optional[Literal["float32", "bfloat16"]] = None  # Adam first-moment dtype; None = param dtype
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"  # block remat
     seed: int = 0  # seeds model init and the per-step RNG (dropout, noise, timesteps)

@@ -57,7 +57,12 @@ def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--height", type=int, default=None, help="defaults to the UNet's sample size")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (the weights are loaded in it); auto: bfloat16 on GPU / TPU, float32 on CPU "
+                        "(fusion_jax/precision.py); the PNG settings record the resolved one")
+    p.add_argument("--attention-kernel", default="auto", choices=["auto", "xla", "cudnn", "chunked"],
+                   help="UNet attention implementation; auto: cuDNN flash attention on a CUDA GPU where it applies, "
+                        "else XLA (chunked for long sequences on CPU)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     r = p.add_argument_group("reference faces (identity methods)")
     r.add_argument("--method", default=None,
@@ -286,8 +291,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     import numpy as np
     from tqdm import tqdm
 
-    from fusion_jax import sampling
+    from fusion_jax import precision, sampling
 
+    args.dtype = precision.resolve_compute_dtype(args.dtype)  # 'auto' -> what runs (and what the PNGs record)
     pipeline = cli_utils.load_pipeline_arg(args.model, args.dtype)
     sample = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
@@ -326,6 +332,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         if not schedulers.make_sampler(cfg.scheduler, pipeline.schedule, cfg.num_steps).supports_partial:
             raise SystemExit(f"--init-image: the {cfg.scheduler} sampler cannot start part-way; use --scheduler "
                              "ddim, euler or euler_ancestral")
+    if args.attention_kernel != "auto":  # every attention of the (identity) model, reference branches included
+        from fusion_jax.models.unet import set_attention_kernel
+
+        set_attention_kernel(pipeline.unet, args.attention_kernel)
     jobs = [(item, k) for item in items for k in range(args.num_images)]
     images, names = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="generating", unit="batch"):

@@ -35,7 +35,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--method", default=None,
                    help="identity method to serve (default: the one in --identity-weights, else all registered)")
     p.add_argument("--identity-weights", default=None, help="identity modules exported by train/export.py")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; auto: bfloat16 on GPU / TPU, float32 on CPU (fusion_jax/precision.py)")
     p.add_argument("--face-models", default=None,
                    help="insightface model folder (default ~/.insightface/models/buffalo_l; else OpenCV Haar)")
     p.add_argument("--face-detector", default="auto", choices=["auto", "insightface", "opencv"])

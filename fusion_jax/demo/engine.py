@@ -41,7 +41,7 @@ class DemoConfig:
     model: str = "tiny"  # pipeline folder, HF cache repo id, or 'tiny' (the project's tiny random pipeline)
     method: Optional[str] = None  # identity method name; None: the exported one, else every registered method
     identity_weights: Optional[str] = None  # train/export.py folder; None: fresh, UNTRAINED identity modules
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "auto"  # auto (bfloat16 on GPU / TPU, float32 on CPU: fusion_jax/precision.py) | float32 | bfloat16
     face_models: Optional[str] = None  # insightface model folder (None: ~/.insightface/models/buffalo_l)
     face_detector: str = "auto"  # auto (insightface when its models are there, else OpenCV Haar) | insightface | opencv
     height: Optional[int] = None  # generated image size in pixels (None: the UNet's sample size)
@@ -295,7 +295,7 @@ class DemoEngine:
         """One image for `request`, written as a PNG with its settings; errors are UploadError / DemoError."""
         import jax
 
-        from fusion_jax import cli_utils, sampling
+        from fusion_jax import cli_utils, precision, sampling
 
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise DemoError("the prompt is empty; describe the image to generate")
@@ -304,7 +304,8 @@ class DemoEngine:
             raise DemoError(f"seed must be a whole number in 0..2^31-1, got {seed}")
         seed = int(seed)
         cfg = self.sampling_config(request)
-        settings = {"source": "fusion_jax demo", "model": self.config.model, "dtype": self.config.dtype,
+        settings = {"source": "fusion_jax demo", "model": self.config.model,
+                    "dtype": precision.resolve_compute_dtype(self.config.dtype),
                     "prompt": request.prompt, "negative_prompt": request.negative_prompt or "", "seed": seed,
                     "steps": cfg.num_steps, "guidance": cfg.guidance_scale, "scheduler": cfg.scheduler,
                     "height": cfg.height, "width": cfg.width}

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from flax import nnx
 
+from fusion_jax import precision
 from fusion_jax.config import ConfigError, ExperimentConfig
 from fusion_jax.experiment.batches import (
     IMAGE_KEYS,
@@ -115,7 +116,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     """Validates `config`, reads the base weights to host memory (no device work) and returns the factories."""
     check_config(config)
     m, d = config.model, config.data
-    dtype, param_dtype = DTYPES[config.train.compute_dtype], DTYPES[config.train.param_dtype]
+    dtype, param_dtype = precision.compute_dtype(config.train.compute_dtype), DTYPES[config.train.param_dtype]
     method = identity_method(config)
     loaded = None
     if m.unet_preset is not None:

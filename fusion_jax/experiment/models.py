@@ -19,6 +19,7 @@ import numpy as np
 import jax
 from flax import nnx
 
+from fusion_jax import precision
 from fusion_jax.config import ConfigError, ExperimentConfig
 from fusion_jax.identity import base as identity_base
 from fusion_jax.models.unet import UNetConfig, set_attention_kernel, set_remat
@@ -97,7 +98,7 @@ def load_pipeline(config: ExperimentConfig) -> LoadedPipeline:
 
     m = config.model
     path = pipeline_path(config)
-    kw = dict(dtype=DTYPES[config.train.compute_dtype], param_dtype=DTYPES[config.train.param_dtype])
+    kw = dict(dtype=precision.compute_dtype(config.train.compute_dtype), param_dtype=DTYPES[config.train.param_dtype])
     unet = weights.load_unet(path, **kw)
     need_encoders = m.latents != "preencoded"
     vae = weights.load_vae(path, **kw)  # small; its config (scaling factor, downscale) is needed in every mode

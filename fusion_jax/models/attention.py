@@ -6,8 +6,9 @@ Weight-compatible with diffusers (`Attention`: `to_q`, `to_k`, `to_v`, `to_out[0
 
 Attention kernels (`kernel=`): `'xla'` (`jax.nn.dot_product_attention`), `'cudnn'` (its cuDNN flash kernel, GPU,
 bf16/fp16 only), `'chunked'` (queries processed in blocks of `query_chunk_size` under `lax.map`, which bounds the
-(queries x keys) score memory and is the fastest CPU path for long self-attention), `'auto'` (cuDNN on GPU when
-eligible, chunked for long sequences on CPU, else XLA).
+(queries x keys) score memory and is the fastest CPU path for long self-attention), `'auto'` (the rule table of
+`fusion_jax.precision`: cuDNN on a CUDA GPU where its constraints hold, chunked for long sequences on CPU, else
+XLA).
 
 Identity cross-attention slot: an `Attention` may carry `to_k_ref` / `to_v_ref` (created by
 `fusion_jax.identity.fusion.attach_identity_projections`). Given an `IdentityContext`, the query also attends to
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fusion_jax import precision
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture
 from fusion_jax.models.remat import REMAT_POLICY, Remat, call_maybe_remat, remat_name  # noqa: F401  (re-exported)
 from fusion_jax.models.resnet import GroupNorm, conv2d
@@ -44,18 +46,15 @@ IdentityCombine = Literal["joint", "decoupled"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_kernel(kernel: str, q: jax.Array, query_chunk_size: int) -> str:
+def _resolve_kernel(kernel: str, q: jax.Array, k: jax.Array, query_chunk_size: int) -> str:
+    """The kernel this call runs: `auto` is resolved by `fusion_jax.precision`'s rule table."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
-    if kernel != "auto":
-        return kernel
-    head_dim = q.shape[-1]
-    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 256):
-        return "cudnn"
-    if jax.default_backend() == "cpu" and q.shape[1] > query_chunk_size:
-        return "chunked"
-    return "xla"
+    backend = precision.current_backend()
+    return precision.resolve_attention_kernel(
+        kernel, backend=backend, dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
+        query_chunk_size=query_chunk_size,
+        compute_capability=precision.gpu_compute_capability() if backend == "gpu" else None)
 
 
 def _map_query_chunks(fn, q: jax.Array, chunk: int, *per_query: jax.Array, query_axes: tuple[int, ...] = ()):
@@ -109,7 +108,7 @@ def dot_product_attention(
     out_dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    impl = _resolve_kernel(kernel, q, query_chunk_size)
+    impl = _resolve_kernel(kernel, q, k, query_chunk_size)
     if impl == "chunked":
         out = _map_query_chunks(lambda qc: _einsum_attention(qc, k, v), q, query_chunk_size)
     else:

@@ -6,7 +6,8 @@ out_shardings (docs/DESIGN.md section 9: optimizer state initialised outside jit
 compiles the step. The step has no host syncs: metrics come back as device arrays; the loop reads them.
 
 Loss contract: `loss_fn(model, batch, rng) -> (scalar loss, dict of scalar aux metrics)`. `batch` is a pytree
-whose leaves all have the (global) batch as leading dim; the model sees params cast to train.compute_dtype.
+whose leaves all have the (global) batch as leading dim; the model sees params cast to train.compute_dtype
+('auto' resolved by `fusion_jax.precision`: bfloat16 on GPU / TPU, float32 on CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fusion_jax import precision
 from fusion_jax.config import ConfigError, TrainConfig
 from fusion_jax.parallel import BATCH_AXES, batch_sharding, tree_shardings
 from fusion_jax.training.state import (
@@ -150,7 +152,7 @@ class Trainer:
     # -- step ----------------------------------------------------------------------------------------------
 
     def _loss_and_grads(self, params, frozen, batch, rng):
-        compute = DTYPES[self.cfg.compute_dtype]
+        compute = precision.compute_dtype(self.cfg.compute_dtype)  # 'auto': the backend's (fusion_jax.precision)
         frozen_c = cast_floating(frozen, compute)
 
         def loss_of(p, micro, micro_rng):

@@ -4,12 +4,18 @@
 function (text encoder, a `lax.fori_loop` over the sampler's steps with classifier-free guidance, the VAE
 decoder), compiled once per (models, settings, shapes) and reused; with a mesh, the batch is sharded over the
 `data` axis and the weights are replicated.
+
+`compile_generate` compiles that same function ahead of time (`jax.jit(...).lower(...).compile()`) for given
+shapes and returns a `CompiledGenerator` called like `generate`: a server compiles at start-up, and with the
+persistent compilation cache (`fusion_jax.runtime`) a second process finds the executable on disk instead of
+compiling it (`CompiledGenerator.from_cache`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -296,6 +302,33 @@ def generate(
     latents (posterior mean; diffusers samples the posterior) noised to that step with `noise`. An identity method
     may supply them instead (FaceStudio's style image, `facestudio.img2img`).
     """
+    compile_key, args = _prepare(
+        pipeline, input_ids, key=key, cfg=cfg, uncond_ids=uncond_ids, noise=noise, mesh=mesh, references=references,
+        reference_valid=reference_valid, strength=strength, boxes=boxes, identity_cfg=identity_cfg,
+        fusion_cfg=fusion_cfg, face_embeddings=face_embeddings, init_images=init_images, identity_masks=identity_masks)
+    return _compiled(*compile_key)(*args)
+
+
+def _prepare(
+    pipeline: Pipeline,
+    input_ids,
+    *,
+    key: jax.Array,
+    cfg: SamplingConfig = SamplingConfig(),
+    uncond_ids=None,
+    noise=None,
+    mesh: Mesh | None = None,
+    references=None,
+    reference_valid=None,
+    strength=None,
+    boxes=None,
+    identity_cfg=None,
+    fusion_cfg=None,
+    face_embeddings=None,
+    init_images=None,
+    identity_masks=None,
+) -> tuple[tuple, tuple]:
+    """`generate`'s host side: checks the request and returns (the compile key of `_compiled`, its arguments)."""
     runtime.enable_compilation_cache()
     input_ids = jnp.asarray(input_ids, jnp.int32)
     dual = getattr(pipeline, "two_text_encoders", False)
@@ -352,8 +385,68 @@ def generate(
                          "euler_ancestral")
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder) + ((pipeline.text_encoder_2,) if dual else ())
     graphdefs, states = zip(*(nnx.split(m) for m in models))
-    fn = _compiled(tuple(graphdefs), cfg, pipeline.schedule, identity_cfg, mesh)
-    return fn(tuple(states), inputs, jnp.asarray(noise), step_key)
+    return (tuple(graphdefs), cfg, pipeline.schedule, identity_cfg, mesh), (tuple(states), inputs, jnp.asarray(noise),
+                                                                          step_key)
+
+
+_cache_hits = [0]  # persistent compilation cache hits seen by this process (jax.monitoring event)
+
+
+def _count_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _cache_hits[0] += 1
+
+
+@functools.lru_cache(maxsize=1)
+def _listen_for_cache_hits() -> None:
+    jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+@dataclasses.dataclass
+class CompiledGenerator:
+    """`generate` compiled ahead of time for one pipeline structure, settings and input shapes
+    (`compile_generate`). Call it like `generate` (same keyword arguments, except `cfg` and `mesh`, which are
+    fixed): the first image pays no compile. New weights of the same structure are fine (they are arguments)."""
+
+    pipeline: Pipeline
+    cfg: SamplingConfig
+    mesh: Mesh | None
+    compiled: Any  # jax.stages.Compiled
+    compile_key: tuple  # what `_compiled` was called with: (graphdefs, cfg, schedule, identity_cfg, mesh)
+    compile_seconds: float
+    from_cache: bool  # the executable came from the persistent compilation cache (runtime.py's folder)
+
+    def __call__(self, input_ids, *, key: jax.Array, pipeline: Pipeline | None = None, **options) -> jax.Array:
+        compile_key, args = _prepare(pipeline or self.pipeline, input_ids, key=key, cfg=self.cfg, mesh=self.mesh,
+                                     **options)
+        if compile_key != self.compile_key:
+            raise ValueError("compiled generator: this call has another model structure, identity method or "
+                             "settings than the one compiled; call compile_generate for it (or use generate)")
+        try:
+            return self.compiled(*args)
+        except (TypeError, ValueError) as e:  # jax names the argument whose shape / dtype differs
+            raise ValueError(f"compiled generator: the inputs differ from the compiled shapes ({e}); call "
+                             "compile_generate with these shapes (or use generate)") from None
+
+
+def compile_generate(pipeline: Pipeline, input_ids=None, *, batch: int = 1, cfg: SamplingConfig = SamplingConfig(),
+                     mesh: Mesh | None = None, key: jax.Array | None = None, **options) -> CompiledGenerator:
+    """Ahead-of-time compile of `generate` (`jax.jit(...).lower(...).compile()`) for the shapes of the example
+    request: `input_ids` (B, L) (default: `batch` empty prompts) and `generate`'s keyword `options` (references,
+    boxes, ... of the shapes to serve; their values do not matter). With the persistent compilation cache on
+    (`runtime.enable_compilation_cache`, done here as `generate` does) a later process with the same shapes
+    loads the executable from disk instead of compiling (`from_cache`), so its first image costs no compile.
+    The executable is the very one `generate` runs: same program, same images."""
+    runtime.enable_compilation_cache()
+    _listen_for_cache_hits()
+    if input_ids is None:
+        input_ids = tokenize(pipeline, [""] * batch)
+    compile_key, args = _prepare(pipeline, input_ids, key=jax.random.key(0) if key is None else key, cfg=cfg,
+                                 mesh=mesh, **options)
+    hits, start = _cache_hits[0], time.perf_counter()
+    compiled = _compiled(*compile_key).lower(*args).compile()
+    return CompiledGenerator(pipeline, cfg, mesh, compiled, compile_key, time.perf_counter() - start,
+                             _cache_hits[0] > hits)
 
 
 def check_init_images(images, batch: int, cfg: SamplingConfig) -> jax.Array:

@@ -39,11 +39,11 @@ def all_prompts() -> list[synthfaces.PromptAttributes]:
 
 def sample(pipeline, prompts, *, guidance: float, steps: int, seed: int, batch: int = 24) -> np.ndarray:
     """uint8 (N, S, S, 3) text-only samples of `prompts`; the same initial noise for every guidance scale."""
-    from fusion_jax.sampling import SamplingConfig, generate, tokenize
+    from fusion_jax.sampling import SamplingConfig, generate, latent_shape, tokenize
 
-    size = int(pipeline.unet.config.sample_size)
+    size = int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor  # image side (pixel fold f)
     cfg = SamplingConfig(num_steps=steps, guidance_scale=guidance, height=size, width=size)
-    noise = np.asarray(jax.random.normal(jax.random.key(seed), (len(prompts), size, size, 3), jnp.float32))
+    noise = np.asarray(jax.random.normal(jax.random.key(seed), latent_shape(pipeline, cfg, len(prompts)), jnp.float32))
     ids = tokenize(pipeline, [synthfaces.build_caption(p) for p in prompts])
     out = []
     for lo in range(0, len(prompts), batch):
@@ -62,7 +62,7 @@ def x0_probe(pipeline, photos: np.ndarray, seed: int) -> dict[str, dict[str, flo
     from fusion_jax.schedulers.base import x0_from_vp_output
 
     schedule = pipeline.schedule
-    x0 = jnp.asarray(miniature.to_unit(photos))
+    x0 = pipeline.vae.encode(jnp.asarray(miniature.to_unit(photos))).mean  # folded as the UNet sees them
     text = pipeline.text_encoder(jnp.asarray(tokenize(pipeline, [""] * len(photos)))).last_hidden_state
     noise = jax.random.normal(jax.random.key(seed), x0.shape)
     result = {}
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     unet = weights.load_unet(args.pipeline)
     pipeline = miniature.pixel_pipeline(args.pipeline, unet)
-    size = int(unet.config.sample_size)
+    size = int(unet.config.sample_size) * pipeline.vae_scale_factor  # image side (pixels folded f x f)
     metrics = synth_metrics.prepare_synthface_metrics(args.metrics, setup=miniature.metric_setup("default", size))
     faces = synthfaces.SynthFaceConfig(image_size=size)
     prompts = all_prompts()

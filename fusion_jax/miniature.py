@@ -4,7 +4,8 @@ sampling with 0 / 1 / 4 references and the exact synthetic-face metrics. Library
 
 Why pixel space: the project's tiny VAE is random (nothing here can train or download a VAE), so its latents are
 not decodable images; a pixel-space UNet at 32x32 has no autoencoder to learn first, and its loss is the image
-itself. `PixelCodec` stands in for the VAE (identity encode / decode, scale factor 1) so the project's own
+itself. `PixelCodec` stands in for the VAE (exact encode / decode: the pixels, folded 2 x 2 into channels by
+default, `models/pixels.py`) so the project's own
 jitted sampler (`sampling.generate`, Face Fusion guidance included) runs unchanged.
 
 The recipe (as the real one fine-tunes Stable Diffusion):
@@ -35,6 +36,7 @@ from flax import nnx
 
 from fusion_jax import weights
 from fusion_jax.data import synthfaces
+from fusion_jax.models.pixels import PixelCodec, fold_factor  # noqa: F401  (PixelCodec: re-exported)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline folder
@@ -48,16 +50,20 @@ class MiniatureModelConfig:
     """Sizes of the miniature pixel-space pipeline."""
 
     image_size: int = 32  # generated image side (pixels); the UNet runs on pixels
-    widths: tuple[int, ...] = (32, 64, 64)  # UNet channels per resolution (32, 16, 8 px at image_size 32)
+    # Pixels folded f x f into channels (models/pixels.py): the UNet sees (32/f)^2 positions x 3 f^2 channels.
+    # 2 = 16x16x12, so the widths below cost what a quarter of them would at 32x32 (benchmarks/RESULTS.md).
+    pixel_fold: int = 2
+    widths: tuple[int, ...] = (48, 96, 96)  # UNet channels per level (16, 8, 4 positions at image_size 32, fold 2)
     text_width: int = 64  # text encoder width = the UNet's cross-attention dim
     text_layers: int = 2  # text encoder transformer layers (random, frozen)
     heads: int = 4  # attention heads in the UNet cross-attention blocks
     seed: int = 0  # seed of the random initial weights
     # Noise schedule written to scheduler/ (read by training and sampling): see benchmarks/RESULTS.md for why.
-    # x0 ('sample') prediction on a cosine schedule: the tiny pixel UNet makes images within a few hundred steps;
-    # SD's epsilon / scaled_linear (and v_prediction) still sampled pure noise after 150-300 steps.
+    # v-prediction on a cosine schedule (Min-SNR-5 weighted in text_to_image.yaml): x0 prediction makes blobs
+    # within a few hundred steps but cannot pass a clean image through, so its last sampling step blurs; SD's
+    # epsilon / scaled_linear sampled pure noise after 300 steps. v needs thousands of steps (the shipped model).
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "sample"
+    prediction_type: str = "v_prediction"
     rescale_betas_zero_snr: bool = False
 
 
@@ -157,12 +163,16 @@ def write_word_tokenizer(folder: str | os.PathLike, words: Sequence[str], contex
 
 
 def miniature_unet_config(cfg: MiniatureModelConfig):
-    """3-channel pixel UNet: a plain ResNet level at full resolution, cross-attention at the lower ones."""
+    """Pixel UNet over the folded image (3 f^2 channels): a plain ResNet level first, cross-attention below it."""
     from fusion_jax.models.unet import UNetConfig
 
     n = len(cfg.widths)
+    if cfg.image_size % cfg.pixel_fold:
+        raise ValueError(f"pixel_fold {cfg.pixel_fold} must divide image_size {cfg.image_size}")
+    channels = 3 * cfg.pixel_fold ** 2
     return UNetConfig(
-        sample_size=cfg.image_size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.widths),
+        sample_size=cfg.image_size // cfg.pixel_fold, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(cfg.widths),
         layers_per_block=1, norm_num_groups=8, cross_attention_dim=cfg.text_width, attention_head_dim=cfg.heads,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
@@ -224,40 +234,13 @@ def write_miniature_pipeline(path: str | os.PathLike, cfg: MiniatureModelConfig 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class PixelCodecConfig:
-    """What the sampler reads from a VAE config: downsampling 1, no scaling or shift."""
-
-    block_out_channels: tuple[int, ...] = (3,)  # one level: vae_scale_factor = 1
-    scaling_factor: float = 1.0  # latents are the pixels
-    shift_factor: Optional[float] = None  # no shift
-    downscale_factor: int = 1  # pixels per latent
-
-
-@dataclasses.dataclass
-class _Posterior:
-    mean: jax.Array
-
-
-class PixelCodec(nnx.Module):
-    """The identity 'VAE' of a pixel-space model: encode(x).mean = x, decode(z) = z."""
-
-    def __init__(self):
-        self.config = PixelCodecConfig()
-
-    def encode(self, images: jax.Array) -> _Posterior:
-        return _Posterior(images)
-
-    def decode(self, latents: jax.Array) -> jax.Array:
-        return latents
-
-
 def pixel_pipeline(pipeline_dir: str | os.PathLike, unet: nnx.Module) -> weights.Pipeline:
     """A `weights.Pipeline` for `sampling.generate`: `unet` (trained) with the folder's text encoder, tokenizer and
-    schedule, and `PixelCodec` in place of the VAE."""
+    schedule, and `PixelCodec` (the UNet's pixel fold, read from its input channels) in place of the VAE."""
     from fusion_jax.tokenizer import load_tokenizer
 
-    return weights.Pipeline(unet=unet, vae=PixelCodec(), text_encoder=weights.load_text_encoder(pipeline_dir),
+    fold = fold_factor(unet.config.in_channels)
+    return weights.Pipeline(unet=unet, vae=PixelCodec(fold), text_encoder=weights.load_text_encoder(pipeline_dir),
                             tokenizer=load_tokenizer(Path(pipeline_dir) / "tokenizer"),
                             schedule=weights.load_schedule(pipeline_dir))
 
@@ -386,13 +369,14 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
                   progress=None, sampler: Optional[Callable] = None) -> np.ndarray:
     """Generated uint8 images (M, H, W, 3): 0 references (text only) or the first `num_references` references.
     The same initial noise per row for every setting (only the conditioning changes)."""
-    from fusion_jax.sampling import SamplingConfig, generate, tokenize
+    from fusion_jax.sampling import SamplingConfig, generate, latent_shape, tokenize
 
     size = eval_set.target_images.shape[2]
     cfg = SamplingConfig(num_steps=steps, guidance_scale=guidance, height=size, width=size,
                          reference_guidance=reference_guidance, reference_guidance_scale=reference_scale)
     m = len(eval_set.captions)
-    noise_all = np.asarray(jax.random.normal(jax.random.key(seed), (m, size, size, 3), jnp.float32))
+    # initial noise in the UNet's space ((size/f)^2 x 3 f^2 for pixels folded f x f)
+    noise_all = np.asarray(jax.random.normal(jax.random.key(seed), latent_shape(pipeline, cfg, m), jnp.float32))
     out = []
     for lo in range(0, m, batch):
         hi = min(m, lo + batch)
@@ -462,29 +446,6 @@ def grid_rows(eval_set: EvalSet, generated: dict[int, np.ndarray], rows: int) ->
 # ----------------------------------------------------------------------------------------------------------------
 # The quickstart
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class QuickstartConfig:
-    """Everything `infer/quickstart.py` does (defaults: about 10 minutes on 2 idle CPU cores)."""
-
-    out: str  # output folder: pipeline/, base/, base_pipeline/, fusion/, metrics/, grid.png, metrics.json
-    base_steps: int = 600  # text-to-image steps of the base model
-    fusion_steps: int = 200  # Face Fusion steps on top of it
-    # What Face Fusion trains here: identity projections + rank-4 LoRA adapters of the UNet attention (SimTarget
-    # with 1 reference 0.104 vs 0.071 for the projections only at 200 steps; benchmarks/RESULTS.md), and its lr.
-    fusion_trainable: str = "identity+lora"
-    fusion_lr: float = 2e-3
-    batch_size: int = 16  # training batch (both stages)
-    widths: tuple[int, ...] = (16, 32, 64)  # UNet channels per resolution
-    identities: int = 8  # held-out identities evaluated
-    prompts: int = 4  # prompts per identity (EVAL_PROMPTS)
-    grid_rows: int = 8  # (identity, prompt) rows shown in grid.png
-    sample_steps: int = 20  # DDIM steps
-    guidance: float = 3.0  # text guidance scale
-    reference_scale: float = 2.0  # disentangled reference guidance scale
-    metric_setup: str = "default"  # 'default' (about 2 min) or 'fast' (seconds; tests) metric models
-    seed: int = 0  # sampling seed
 
 
 def metric_setup(name: str, image_size: int):
@@ -565,68 +526,6 @@ def format_table(rows: list[tuple[str, dict[str, float]]], keys: Sequence[str]) 
     return "\n".join(lines)
 
 
-def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Data, base + Face Fusion training (or resume), metric models, samples of held-out identities with 0 / 1 /
-    4 references, DIR/grid.png and DIR/metrics.json. Returns the metrics dict."""
-    from fusion_jax import synth_metrics
-    from fusion_jax.cli_utils import save_grid
-
-    start = time.perf_counter()
-    out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
-    base, fusion, model_cfg = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths,
-                                            extra_fusion=(f"train.trainable={cfg.fusion_trainable}",
-                                                          f"train.lr={cfg.fusion_lr}"))
-    timings = prepare_models(out, base, fusion, model_cfg, log)
-
-    log(f"[4/5] metric models (identity embedder + attribute reader, setup '{cfg.metric_setup}'; cached)")
-    t = time.perf_counter()
-    size = base.data.synthfaces.image_size
-    metrics = synth_metrics.prepare_synthface_metrics(os.path.join(out, "metrics"),
-                                                      setup=metric_setup(cfg.metric_setup, size), verbose=True)
-    timings["metric_models_s"] = time.perf_counter() - t
-
-    log(f"[5/5] sampling {cfg.identities} held-out identities x {cfg.prompts} prompts with 0, 1 and 4 references")
-    t = time.perf_counter()
-    model, fusion_config, _ = restore_model(fusion.workdir, use_ema=True)
-    pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
-    faces = dataclasses.replace(fusion.data.synthfaces)
-    eval_set = build_eval_set(faces, cfg.identities, cfg.prompts)
-    images, scores = evaluate_settings(pipeline, run_identity_config(fusion_config), metrics, eval_set, (0, 1, 4),
-                                       steps=cfg.sample_steps, guidance=cfg.guidance,
-                                       reference_scale=cfg.reference_scale, seed=cfg.seed,
-                                       batch=min(16, len(eval_set.captions)), log=log)
-    timings["sampling_s"] = time.perf_counter() - t
-    save_grid(Path(out) / "grid.png", grid_rows(eval_set, images, cfg.grid_rows), columns=4 + len(images))
-
-    names = {0: "no_reference", 1: "1_reference", 4: "4_references"}
-    result: dict[str, Any] = {}
-    for n, values in scores.items():
-        for k, v in values.items():
-            result[f"{k}_{names[n]}"] = v
-    result.update(real_photo_reference_scores(metrics, eval_set))
-    report = metrics.report
-    result["embedder_verification_accuracy"] = report["verification"]["verification_accuracy"]
-    result["reader_accuracy_real_photos"] = report["reader_accuracy"]["mean"]
-    timings["total_s"] = time.perf_counter() - start
-    result["timings"] = timings
-    result["settings"] = {**dataclasses.asdict(cfg), "eval_identities": int(len(set(eval_set.identity_ids))),
-                          "eval_images_per_setting": len(eval_set.captions),
-                          "grid_layout": "rows: (held-out identity, prompt); columns: 4 reference crops, then "
-                                         "samples with 0, 1, 4 references"}
-    with open(Path(out) / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
-    keys = ["sim_target", "sim_ref", "paste", "prompt_accuracy"]
-    table = format_table([(names[n], scores[n]) for n in sorted(scores)], keys)
-    log("\n" + table)
-    log(f"real held-out photos: same-person similarity {result['real_photo_same_person_similarity']:.3f}, "
-        f"other-person {result['real_photo_other_person_similarity']:.3f}; embedder verification accuracy "
-        f"{result['embedder_verification_accuracy']:.3f}; reader accuracy on real photos "
-        f"{result['reader_accuracy_real_photos']:.3f}")
-    log(f"wrote {Path(out) / 'grid.png'} and {Path(out) / 'metrics.json'} ({timings['total_s']:.0f}s)")
-    return result
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The miniature reproduction (infer/evaluate.py)
 # ----------------------------------------------------------------------------------------------------------------
@@ -652,7 +551,7 @@ class EvaluationConfig:
     base_steps: int = 300  # text-to-image base steps
     fusion_steps: int = 150  # steps of each Face Fusion variant
     batch_size: int = 16  # training batch
-    widths: tuple[int, ...] = (16, 32, 64)  # UNet channels per resolution
+    widths: tuple[int, ...] = MiniatureModelConfig().widths  # UNet channels per level
     variants: tuple[str, ...] = tuple(VARIANTS)  # which VARIANTS to train and evaluate
     identities: int = 16  # held-out identities
     prompts: int = 4  # prompts per identity

@@ -25,11 +25,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a trained run: diffusers UNet folder + the identity method's tensors"),
     "build-dataset": ("build_dataset", "build the face_identities TFDS dataset from a folder of photos"),
     "preencode": ("preencode", "pre-encode a face dataset (VAE latents, text and face embeddings) to TFRecords"),
-    "quickstart": ("quickstart", "synthetic faces -> miniature base model -> Face Fusion -> grid + metrics (CPU)"),
+    "quickstart": ("quickstart", "the shipped miniature Face Fusion model on held-out synthetic faces: grid + metrics"),
     "evaluate": ("evaluate", "the miniature reproduction table (no reference / single token / Face Fusion)"),
     "reproduce": ("reproduce", "reproduction harness of the papers' comparisons"),
     "demo": ("demo", "web demo"),
-    "miniature-base": ("miniature_base", "train the miniature text-to-image base model (the shipped asset)"),
+    "miniature-base": ("miniature_base", "train the miniature text-to-image base model alone"),
+    "miniature-assets": ("miniature_assets", "train the quickstart's shipped model + metric models (all stages)"),
 }
 
 

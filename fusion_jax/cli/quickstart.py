@@ -1,16 +1,17 @@
-"""Quickstart: train a miniature Face Fusion model on synthetic faces and measure it, on a CPU, no download.
+"""Quickstart: the miniature Face Fusion model on synthetic faces, sampled and measured, on a CPU, no download.
 
-    fusion-jax quickstart --out out/quickstart          # about 10 minutes on 2 idle CPU cores
-    fusion-jax quickstart --out /tmp/q --fast            # seconds of training (smoke test; poor images)
+    fusion-jax quickstart --out out/quickstart                 # the shipped model: a few minutes on 2 CPU cores
+    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage first (about 80 minutes)
+    fusion-jax quickstart --out /tmp/q --fast                  # seconds: tiny stages from scratch (smoke test)
 
 (`python infer/quickstart.py ...` in a source checkout is the same program.)
 
-Stages (each resumes: a second run with the same DIR reads the checkpoints and cached metric models):
-  1. a miniature pixel-space pipeline (DIR/pipeline), 2. a text-to-image base model on synthfaces (DIR/base),
-  3. Face Fusion on top of it (DIR/base_pipeline, DIR/fusion), 4. metric models (DIR/metrics),
-  5. samples of held-out identities under several prompts with 0, 1 and 4 references:
-     DIR/grid.png (rows: identity x prompt; columns: the 4 reference crops, then 0 / 1 / 4 references) and
-     DIR/metrics.json (sim_target_*, sim_ref_*, paste_*, prompt_accuracy_* per setting, embedder accuracy).
+Samples held-out identities (never seen in training) under several prompts with 0, 1 and 4 references and scores
+them with the synthetic world's exact metrics (identity embedder, attribute reader), each figure with a 95%
+bootstrap interval over identities. Writes OUT/grid.png (rows: identity x prompt; columns: the 4 reference
+crops, then 0 / 1 / 4 references), OUT/two_people.png (two people in one image, each in their box) and
+OUT/metrics.json. The shipped model is fusion_jax/assets/miniature (its training.json names the command that
+made it); with --from-scratch the stages resume from OUT's checkpoints.
 """
 
 from __future__ import annotations
@@ -22,35 +23,43 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
-    parser.add_argument("--steps", type=int, default=None, help="base-model steps (default 600; Face Fusion: a third)")
-    parser.add_argument("--fusion-steps", type=int, default=None, help="Face Fusion steps (default 200, or steps / 3 with --steps)")
-    parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 8)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train every stage (pipeline, base model, Face Fusion, metric models) instead of "
+                             "sampling the shipped model")
+    parser.add_argument("--assets", default=None, help="folder of a shipped model (default fusion_jax/assets/miniature)")
+    parser.add_argument("--steps", type=int, default=None, help="from scratch: base-model steps (default 5000)")
+    parser.add_argument("--fusion-steps", type=int, default=None, help="from scratch: Face Fusion steps (default 800)")
+    parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 16)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds every stage: sampling, and with --from-scratch weights, data order, metric models")
     parser.add_argument("--fast", action="store_true",
-                        help="tiny everything (tests): 4+4 steps, a 2-level 8/16-channel UNet, 2 identities, fast "
-                             "metric models")
+                        help="tiny everything from scratch (tests): 4+4 steps, a 2-level 8/16-channel UNet, 2 "
+                             "identities, fast metric models")
     args = parser.parse_args(argv)
 
-    from fusion_jax.miniature import QuickstartConfig, quickstart
+    from fusion_jax.quickstart import QuickstartConfig, quickstart
 
     kw: dict = {}
     if args.fast:
-        kw = dict(base_steps=4, fusion_steps=4, batch_size=8, widths=(8, 16), identities=2, prompts=2,
-                  grid_rows=4, sample_steps=2, metric_setup="fast")
+        kw = dict(from_scratch=True, base_steps=4, fusion_steps=4, batch_size=8, widths=(8, 16), identities=2,
+                  prompts=2, grid_rows=4, grid_scale=2, sample_steps=2, metric_setup="fast", two_people=1)
+    if args.from_scratch:
+        kw["from_scratch"] = True
+    if args.assets is not None:
+        kw["assets"] = args.assets
     if args.steps is not None:
         kw["base_steps"] = args.steps
-        kw.setdefault("fusion_steps", max(1, args.steps // 3))
     if args.fusion_steps is not None:
         kw["fusion_steps"] = args.fusion_steps
-    for name in ("identities", "prompts", "sample_steps"):
+    for name in ("identities", "prompts", "sample_steps", "seed"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     for name in ("base_steps", "fusion_steps", "identities", "prompts", "sample_steps"):
         if name in kw and kw[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
-    if args.steps is not None and args.fusion_steps is None and not args.fast:
-        kw["fusion_steps"] = max(1, args.steps // 3)
+    if not kw.get("from_scratch") and (args.steps is not None or args.fusion_steps is not None):
+        parser.error("--steps / --fusion-steps train a model: add --from-scratch (the default samples the shipped one)")
     quickstart(QuickstartConfig(out=args.out, **kw))
     return 0
-

@@ -61,6 +61,7 @@ from fusion_jax.experiment.restore import (
     merged_base_state_dict,
     restore_run,
 )
+from fusion_jax.models.pixels import fold_factor
 from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig
 from fusion_jax.schedulers import NoiseSchedule
 from fusion_jax.tiny import tiny_pipeline_dir
@@ -91,6 +92,8 @@ def check_config(config: ExperimentConfig) -> None:
     if not 0.0 <= o.text_dropout <= 1.0:
         raise ConfigError(f"objective.text_dropout={o.text_dropout}: must be in [0, 1]")
     method = identity_method(config)
+    if method is not None and d.pipeline.num_references < 1:
+        raise ConfigError(f"data.pipeline.num_references=0: objective.name={o.name!r} needs reference photos (>= 1)")
     check_trainable(config)
     check_batch_source(config, method)
     if config.mesh and (d.pipeline.resolution <= 0 or d.pipeline.reference_size <= 0):
@@ -145,9 +148,12 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
                 empty_text = empty_text[0]
         elif m.latents == "preencoded":  # synthetic pre-encoded batches
             empty_text = np.zeros((m.text_length, unet_config.cross_attention_dims()[0]), np.float32)
-    if m.latents == "pixel" and unet_config.in_channels != 3:
-        raise ConfigError(f"model.latents=pixel needs a UNet with 3 input channels, this one has "
-                          f"{unet_config.in_channels}")
+    pixel_fold = 1
+    if m.latents == "pixel":  # 3 channels, or 3 f^2 for pixels folded f x f (models/pixels.py)
+        try:
+            pixel_fold = fold_factor(unet_config.in_channels)
+        except ValueError as err:
+            raise ConfigError(f"model.latents=pixel: {err}") from None
 
     # The loaded weights travel as an argument of the trainer's init jit (`pretrained`), not as constants
     # captured by this closure: at Stable Diffusion size those would be gigabytes baked into the program.
@@ -168,7 +174,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         return TrainModel(prepare_unet(unet, config, rngs), vae, text_encoder)
 
     loss_fn = make_loss(config, schedule=schedule, empty_ids=empty_ids, empty_text_emb=empty_text,
-                        latent_scale=latent_scale)
+                        latent_scale=latent_scale, pixel_fold=pixel_fold)
     vocab = 1
     if loaded is not None and loaded.text_encoder is not None:
         vocab = nnx.merge(*loaded.text_encoder).config.vocab_size

@@ -227,8 +227,7 @@ def save_two_people_figure(path: Path, samples: list, scale: int) -> None:
         boxed = draw_boxes(upscale(image, scale), [[v * scale for v in b] for b in TWO_PEOPLE_BOXES],
                            [(255, 255, 255), (0, 0, 0)], width=2)
         rows.append([crops[0], crops[1], boxed])
-    labelled_grid(rows, ["left person (reference)", "right person (reference)", "generated (white: left box, "
-                         "black: right box)"], scale=1,
+    labelled_grid(rows, ["left (ref.)", "right (ref.)", "generated\n(white: left box,\nblack: right box)"], scale=1,
                   title="two held-out people in one image, one reference each").save(path)
 
 

@@ -337,6 +337,8 @@ class EvalSet:
     reference_crops: np.ndarray  # (M, 4, S, S, 3) uint8 aligned face crops (the conditioning)
     reference_images: np.ndarray  # (M, 4, H, W, 3) uint8 the same photos, full (SimRef compares with these)
     target_images: np.ndarray  # (M, T, H, W, 3) uint8 other photos of the same person (SimTarget)
+    reference_labels: Optional[np.ndarray] = None  # (M, 4, 4) attribute classes of the reference photos
+    reference_boxes: Optional[np.ndarray] = None  # (M, 4, 4) pixel face boxes (x0, y0, x1, y1) of those photos
 
 
 def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_prompts: int) -> EvalSet:
@@ -346,7 +348,7 @@ def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_p
         raise ValueError(f"identities={num_identities}: must be in [1, {len(heldout)}] (held-out identities)")
     if not 1 <= num_prompts <= len(EVAL_PROMPTS):
         raise ValueError(f"prompts={num_prompts}: must be in [1, {len(EVAL_PROMPTS)}]")
-    ids, caps, labels, crops, refs, targets = [], [], [], [], [], []
+    ids, caps, labels, crops, refs, targets, ref_labels, ref_boxes = [], [], [], [], [], [], [], []
     for identity in heldout[:num_identities]:
         ref_records = [synthfaces.render_face(int(identity), p, faces) for p in REFERENCE_PHOTOS]
         target_records = [synthfaces.render_face(int(identity), p, faces) for p in TARGET_PHOTOS]
@@ -357,7 +359,10 @@ def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_p
             crops.append(np.stack([r["face_crop"] for r in ref_records]))
             refs.append(np.stack([r["image"] for r in ref_records]))
             targets.append(np.stack([r["image"] for r in target_records]))
-    return EvalSet(np.asarray(ids), caps, np.stack(labels), np.stack(crops), np.stack(refs), np.stack(targets))
+            ref_labels.append(np.stack([r["attribute_labels"] for r in ref_records]))
+            ref_boxes.append(np.stack([r["face_box"] for r in ref_records]))
+    return EvalSet(np.asarray(ids), caps, np.stack(labels), np.stack(crops), np.stack(refs), np.stack(targets),
+                   np.stack(ref_labels), np.stack(ref_boxes))
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
@@ -500,149 +505,3 @@ def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=
         f"{fusion.data.pipeline.num_references} references per example")
     timings["fusion"] = train_stage(fusion, log)
     return timings
-
-
-def evaluate_settings(pipeline, identity_cfg, metrics, eval_set: EvalSet, settings: Sequence[int], *, steps: int,
-                      guidance: float, reference_scale: float, seed: int, batch: int = 16, log=print,
-                      sampler=None, label: str = "") -> tuple[dict[int, np.ndarray], dict[int, dict]]:
-    """Samples and scores each number of references in `settings` (0 = text only)."""
-    from tqdm import tqdm
-
-    images, scores = {}, {}
-    for n in settings:
-        with tqdm(total=len(eval_set.captions), desc=f"sample {label}{n} ref", dynamic_ncols=True) as bar:
-            images[n] = sample_images(pipeline, identity_cfg, eval_set, n, steps=steps, guidance=guidance,
-                                      reference_guidance="disentangled", reference_scale=reference_scale,
-                                      batch=batch, seed=seed, progress=bar, sampler=sampler)
-        scores[n] = score(metrics, images[n], eval_set, n)
-    return images, scores
-
-
-def format_table(rows: list[tuple[str, dict[str, float]]], keys: Sequence[str]) -> str:
-    """A markdown table: one row per setting, one column per metric key."""
-    lines = ["| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, values in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{values[k]:.3f}" if k in values else "-" for k in keys) + " |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The miniature reproduction (infer/evaluate.py)
-# ----------------------------------------------------------------------------------------------------------------
-
-# Face Fusion variants: name -> fusion.* overrides. 'single_token' is the IP-Adapter-like baseline (see
-# `single_token_references`).
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "decoupled_fixed": ("fusion.combine=decoupled", "fusion.reference_timestep=fixed"),
-    "joint_fixed": ("fusion.combine=joint", "fusion.reference_timestep=fixed"),
-    "decoupled_current": ("fusion.combine=decoupled", "fusion.reference_timestep=current"),
-    "joint_current": ("fusion.combine=joint", "fusion.reference_timestep=current"),
-    # the pooled one-token baseline (`identity/single_token.py`), with the same options as decoupled_fixed
-    "single_token": ("objective.name=single_token", "single_token.combine=decoupled",
-                     "single_token.reference_timestep=fixed"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationConfig:
-    """`infer/evaluate.py --config configs/synthfaces/experiment.yaml`: the miniature reproduction."""
-
-    out: str = ""  # output folder (shares pipeline/, base/, base_pipeline/, metrics/ with a quickstart DIR)
-    base_steps: int = 300  # text-to-image base steps
-    fusion_steps: int = 150  # steps of each Face Fusion variant
-    batch_size: int = 16  # training batch
-    widths: tuple[int, ...] = MiniatureModelConfig().widths  # UNet channels per level
-    variants: tuple[str, ...] = tuple(VARIANTS)  # which VARIANTS to train and evaluate
-    identities: int = 16  # held-out identities
-    prompts: int = 4  # prompts per identity
-    sample_steps: int = 20  # DDIM steps
-    guidance: float = 3.0  # text guidance scale
-    reference_scale: float = 2.0  # disentangled reference guidance scale
-    metric_setup: str = "default"  # metric models: 'default' | 'fast'
-    seed: int = 0  # sampling seed
-
-
-def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Trains the base model and each Face Fusion variant (resuming), samples held-out identities with 0 / 1 / 4
-    references, writes OUT/evaluation.{md,json}; returns the JSON dict."""
-    from fusion_jax import synth_metrics
-    from fusion_jax.experiment import build_experiment
-    from fusion_jax.training import train
-
-    unknown = [v for v in cfg.variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"variants: unknown {unknown}; known: {sorted(VARIANTS)}")
-    if not cfg.out:
-        raise ValueError("out: set the output folder (out=DIR)")
-    start = time.perf_counter()
-    out = os.path.abspath(cfg.out)
-    base, _, model_cfg = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths)
-    write_miniature_pipeline(os.path.join(out, "pipeline"), model_cfg)
-    log(f"base model: {cfg.base_steps} steps")
-    timings: dict[str, Any] = {"base": train_stage(base, log)}
-    export_base_pipeline(base.workdir, os.path.join(out, "pipeline"), os.path.join(out, "base_pipeline"))
-    metrics = synth_metrics.prepare_synthface_metrics(
-        os.path.join(out, "metrics"), setup=metric_setup(cfg.metric_setup, base.data.synthfaces.image_size))
-    eval_set = build_eval_set(base.data.synthfaces, cfg.identities, cfg.prompts)
-    rows: list[tuple[str, dict]] = []
-    results: dict[str, Any] = {}
-    no_reference_done = False
-    for variant in cfg.variants:
-        workdir = "fusion" if variant == "decoupled_fixed" else f"fusion_{variant}"  # decoupled_fixed = quickstart's
-        _, fusion, _ = stage_configs(out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths,
-                                     extra_fusion=(*VARIANTS[variant], f"workdir={os.path.join(out, workdir)}"))
-        log(f"Face Fusion variant {variant}: {cfg.fusion_steps} steps")
-        done = finished_step(fusion.workdir)
-        if done is not None and done >= fusion.train.steps:
-            timings[variant] = {"trained": False, "seconds": 0.0, "step": done}
-        else:
-            t = time.perf_counter()
-            exp = build_experiment(fusion)
-            result = train(fusion, exp.model_factory, exp.loss_fn, exp.batch_iterator_factory,
-                           trainable=exp.trainable)
-            timings[variant] = {"trained": True, "seconds": time.perf_counter() - t, "step": int(result.step)}
-        model, fusion_config, _ = restore_model(fusion.workdir, use_ema=True)
-        pipeline = pixel_pipeline(fusion.model.pipeline, model.unet)
-        settings = (1, 4) if no_reference_done else (0, 1, 4)
-        t = time.perf_counter()
-        _, scores = evaluate_settings(pipeline, run_identity_config(fusion_config), metrics, eval_set, settings,
-                                      steps=cfg.sample_steps, guidance=cfg.guidance,
-                                      reference_scale=cfg.reference_scale, seed=cfg.seed, log=log,
-                                      label=f"{variant} ")
-        timings[f"{variant}_sampling_s"] = time.perf_counter() - t
-        if 0 in scores:  # identity off = the base model (only identity projections were trained)
-            rows.append(("no reference (base model)", scores[0]))
-            results["no_reference"] = scores[0]
-            no_reference_done = True
-        for n in (1, 4):
-            name = f"{variant}, {n} reference{'s' if n > 1 else ''}"
-            rows.append((name, scores[n]))
-            results[f"{variant}_{n}"] = scores[n]
-        _write_evaluation(out, cfg, rows, results, metrics, eval_set, timings, start)
-        log(format_table(rows, ["sim_target", "sim_ref", "paste", "prompt_accuracy"]))
-    return _write_evaluation(out, cfg, rows, results, metrics, eval_set, timings, start)
-
-
-def _write_evaluation(out, cfg, rows, results, metrics, eval_set, timings, start) -> dict[str, Any]:
-    keys = ["sim_target", "sim_ref", "paste", "prompt_accuracy", "prompt_accuracy_expression",
-            "prompt_accuracy_gaze", "prompt_accuracy_background_colour", "prompt_accuracy_background_pattern"]
-    real = real_photo_reference_scores(metrics, eval_set)
-    doc = {"config": dataclasses.asdict(cfg), "results": results, "real_photos": real,
-           "embedder_verification_accuracy": metrics.report["verification"]["verification_accuracy"],
-           "reader_accuracy_real_photos": metrics.report["reader_accuracy"],
-           "eval_images_per_setting": len(eval_set.captions), "timings": timings,
-           "wall_s": time.perf_counter() - start}
-    with open(os.path.join(out, "evaluation.json"), "w") as f:
-        json.dump(doc, f, indent=2)
-    md = [f"Held-out identities: {len(set(eval_set.identity_ids.tolist()))} x {cfg.prompts} prompts = "
-          f"{len(eval_set.captions)} images per row; base {cfg.base_steps} steps, each Face Fusion variant "
-          f"{cfg.fusion_steps} steps (identity projections only), DDIM {cfg.sample_steps}, text guidance "
-          f"{cfg.guidance}, reference guidance {cfg.reference_scale} (disentangled).", "",
-          format_table(rows, keys), "",
-          f"Real held-out photos: same-person similarity {real['real_photo_same_person_similarity']:.3f}, "
-          f"other-person {real['real_photo_other_person_similarity']:.3f}; embedder held-out verification "
-          f"accuracy {doc['embedder_verification_accuracy']:.3f}; reader accuracy on real held-out photos "
-          f"{metrics.report['reader_accuracy']['mean']:.3f}."]
-    with open(os.path.join(out, "evaluation.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    return doc

@@ -372,19 +372,24 @@ def test_sampling_inputs_pad_references_and_build_the_mask():
                                batch=1, image_size=(64, 64), latent_size=(8, 8))
 
 
-def test_loss_trains_reference_modules_and_export_round_trip():
+@pytest.mark.parametrize("channels", [4, 12], ids=["sd_latents", "folded_pixels"])
+def test_loss_trains_reference_modules_and_export_round_trip(channels):
+    """On SD's 4 latent channels and on the miniature's 12 (2x2-folded pixels): the main UNet gets one more input
+    channel (the mask), the ReferenceNet keeps the base's."""
     from fusion_jax.schedulers import NoiseSchedule
 
-    config = UNetConfig.from_dict(TINY_CONFIG)
+    config = UNetConfig.from_dict({**TINY_CONFIG, "in_channels": channels, "out_channels": channels})
     method = flashface.FlashFace()
     cfg = flashface.FlashFaceConfig(reference_dropout=0.5)
     model = method.attach(UNet2DConditionModel(config, rngs=nnx.Rngs(0)), cfg)
     assert method.base_unet(model) is model.unet
+    assert model.unet.config.in_channels == channels + 1 and model.unet.config.out_channels == channels
+    assert model.reference_net.config.in_channels == channels
     rng = np.random.default_rng(2)
-    batch = {"latents": rng.standard_normal((2, 8, 8, 4)).astype(np.float32),
+    batch = {"latents": rng.standard_normal((2, 8, 8, channels)).astype(np.float32),
              "text_emb": rng.standard_normal((2, L, 16)).astype(np.float32),
              "empty_text_emb": rng.standard_normal((1, L, 16)).astype(np.float32),
-             "reference_latents": rng.standard_normal((2, 2, RH, RH, 4)).astype(np.float32),
+             "reference_latents": rng.standard_normal((2, 2, RH, RH, channels)).astype(np.float32),
              "face_mask": np.ones((2, 64, 64, 1), np.float32)}
     keep = method.trainable_filter("reference", cfg)
     params = nnx.state(model, nnx.Param)
@@ -413,6 +418,9 @@ def test_loss_trains_reference_modules_and_export_round_trip():
     with pytest.raises(weights.CheckpointMismatchError, match="reference_net.conv_in.weight"):
         method.load_tensors(UNet2DConditionModel(model.unet.config, rngs=nnx.Rngs(9)), cfg,
                             {k: v for k, v in tensors.items() if k != "reference_net.conv_in.weight"}, "test export")
+    odd = UNetConfig.from_dict({**TINY_CONFIG, "in_channels": channels + 2, "out_channels": channels})
+    with pytest.raises(ValueError, match=f"as many input channels as output channels \\({channels}\\)"):
+        method.attach(UNet2DConditionModel(odd, rngs=nnx.Rngs(0)), cfg)
 
 
 @pytest.mark.parametrize("quirk", [True, False], ids=["released_reshape", "transposed"])

@@ -1,5 +1,6 @@
 """infer/quickstart.py: --fast from scratch end to end, resuming without retraining, the shipped-model path on
-the same model (same samples), and the shipped assets themselves."""
+the same model (same samples), and the shipped assets themselves; infer/evaluate.py's reduced path on the same
+folder (its base model, Face Fusion run and metric models are the quickstart's; FlashFace trains beside them)."""
 
 import importlib.util
 import json
@@ -39,12 +40,18 @@ def _check_metrics(metrics):
     assert -1.0 <= two["region_sim_target_own"] <= 1.0 and -1.0 <= two["region_sim_target_other"] <= 1.0
 
 
-def test_quickstart_fast_runs_resumes_and_the_shipped_path_gives_the_same_samples(tmp_path):
-    main = _main()
-    out = tmp_path / "qs"
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """One `--fast` quickstart from scratch: (its folder, seconds); the evaluation test reuses its stages."""
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
     start = time.perf_counter()
-    assert main(["--out", str(out), "--fast"]) == 0
-    first_s = time.perf_counter() - start
+    assert _main()(["--out", str(out), "--fast"]) == 0
+    return out, time.perf_counter() - start
+
+
+def test_quickstart_fast_runs_resumes_and_the_shipped_path_gives_the_same_samples(fast_run, tmp_path):
+    main = _main()
+    out, first_s = fast_run
 
     grid = Image.open(out / "grid.png")
     # --fast: 2 identities x 2 prompts = 4 rows; 4 reference crops + 3 settings, each cell 32 px x grid_scale 2
@@ -103,3 +110,55 @@ def test_shipped_assets_are_complete_small_and_recorded():
         assert (assets.ASSET_DIR / assets.METRICS_DIR / name).is_file()
     pipeline, identity_cfg = assets.load_quickstart_model(model_dir)
     assert pipeline.unet.config.in_channels == 12 and identity_cfg is not None
+
+
+def _evaluate_main():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(ROOT, "infer", "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+# the quickstart's --fast stages (fusion_jax/cli/quickstart.py); FlashFace and the single-token baseline are left out
+# here for time (their training / sampling paths on the 12-channel miniature: test_flashface.py, and the full run)
+REDUCED_EVALUATION = ["base_steps=4", "fusion_steps=4", "batch_size=8", "widths=[8,16]", "identities=2",
+                      "prompts=2", "sample_steps=2", "metric_setup=fast", "two_people=0", "variants=[decoupled_fixed]"]
+
+
+def test_reduced_evaluation_reuses_the_quickstart_stages(fast_run, tmp_path):
+    from fusion_jax import synth_reproduction as sr
+
+    main = _evaluate_main()
+    out, _ = fast_run
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    args = ["--config", os.path.join(ROOT, "configs", "synthfaces", "experiment.yaml"), f"out={out}",
+            *REDUCED_EVALUATION, f"results_md={results}"]
+    assert main(args) == 0
+    doc = json.loads((out / "evaluation.json").read_text())
+
+    compute = doc["compute"]
+    assert compute["steps"] == {"decoupled_fixed": 4} and compute["gflop_per_step"]["decoupled_fixed"] > 0
+    # the quickstart's base model and Face Fusion run are this evaluation's (same recipe, same seeds): not retrained
+    assert not doc["timings"]["base"]["trained"] and not doc["timings"]["decoupled_fixed"]["trained"]
+
+    assert set(doc["summary"]) == {"no_reference", "decoupled_fixed_1", "decoupled_fixed_4"}
+    for row, values in doc["summary"].items():
+        for key in sr.TABLE_KEYS:
+            low, high = values[key + "_ci95"]
+            assert math.isfinite(values[key]) and low - 1e-9 <= values[key] <= high + 1e-9, (row, key)
+            assert values[key] == pytest.approx(np.mean(doc["per_image"][row][key]), abs=1e-9)
+    verdicts = {c["claim"]: c["verdict"] for c in doc["claims"]}
+    assert len(verdicts) == 7 and set(verdicts.values()) <= {"held", "not held", "not testable here"}
+    four_vs_one = next(c for c in doc["claims"] if "4 vs 1" in c["claim"])
+    per_image = doc["per_image"]
+    assert four_vs_one["difference"] == pytest.approx(
+        np.mean(np.subtract(per_image["decoupled_fixed_4"]["sim_target"], per_image["decoupled_fixed_1"]["sim_target"])))
+    for claim in ("region", "single embedding token", "single CFG"):  # rows not in this run
+        assert all(v == "not testable here" for c, v in verdicts.items() if claim in c), claim
+
+    markdown = (out / "evaluation.md").read_text()
+    assert "Face Fusion (decoupled, fixed t), 4 references" in markdown and "**not testable here**" in markdown
+    assert markdown in results.read_text() and results.read_text().startswith("# Results\n")
+    for name in sr.PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

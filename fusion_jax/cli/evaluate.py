@@ -1,10 +1,14 @@
-"""The miniature reproduction: no reference vs an IP-Adapter-like single-token baseline vs Face Fusion (joint /
-decoupled, fixed / current), 1 vs 4 references, on held-out synthetic identities. Not for CI (an hour or more).
+"""The miniature reproduction: the base model (no reference), Face Fusion (joint / decoupled x fixed / current),
+an IP-Adapter-like single-token baseline and FlashFace, each trained for the same training FLOPs on one base
+model, with 1 and 4 references, on held-out synthetic identities; the seed papers' claims checked. Hours at the
+defaults on a CPU; `fusion_steps=` sets the compute budget (steps of Face Fusion decoupled / fixed).
 
     fusion-jax evaluate --config synthfaces/experiment out=out/eval [key=value ...]
     python infer/evaluate.py --config configs/synthfaces/experiment.yaml out=out/eval   # in a checkout
 
-Writes OUT/evaluation.md (table) and OUT/evaluation.json (all numbers, settings, timings); every stage resumes.
+Writes OUT/evaluation.md (tables with 95% intervals, compute per method, the claims checklist), OUT/evaluation.json
+(every number, per-image scores, settings, timings) and two PNG plots; every stage resumes. `results_md=FILE`
+also writes the section between FILE's evaluate markers, `figures_dir=DIR` copies the plots there.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         print(__doc__)
         return 0
     from fusion_jax.config import ConfigError, load_config, split_argv
-    from fusion_jax.miniature import EvaluationConfig, evaluate
+    from fusion_jax.synth_reproduction import EvaluationConfig, evaluate
 
     try:
         path, overrides = split_argv(argv)
         cfg = load_config(path, overrides, cls=EvaluationConfig)
-        evaluate(cfg)
+        evaluate(cfg, overrides=overrides)
     except (ConfigError, ValueError) as e:
         print(f"evaluate error: {e}", file=sys.stderr)
         return 2

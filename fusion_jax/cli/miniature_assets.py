@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--out", required=True, help="run folder (resumable)")
     parser.add_argument("--assets", default=None, help="also copy the model + metric models here with training.json")
     parser.add_argument("--base-steps", type=int, default=None, help="base steps (default QuickstartConfig: 5000)")
-    parser.add_argument("--fusion-steps", type=int, default=None, help="Face Fusion steps (default 800)")
+    parser.add_argument("--fusion-steps", type=int, default=None, help="Face Fusion steps (default QuickstartConfig: 2400)")
     parser.add_argument("--seed", type=int, default=0, help="seeds every stage (weights, data order, metric models)")
     parser.add_argument("--max-mb", type=float, default=20.0, help="refuse to write assets larger than this")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                              "sampling the shipped model")
     parser.add_argument("--assets", default=None, help="folder of a shipped model (default fusion_jax/assets/miniature)")
     parser.add_argument("--steps", type=int, default=None, help="from scratch: base-model steps (default 5000)")
-    parser.add_argument("--fusion-steps", type=int, default=None, help="from scratch: Face Fusion steps (default 800)")
+    parser.add_argument("--fusion-steps", type=int, default=None, help="from scratch: Face Fusion steps (default 2400)")
     parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 16)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")

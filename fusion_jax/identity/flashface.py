@@ -177,7 +177,8 @@ class FlashFaceModel(nnx.Module):
     """The FlashFace identity model: `unet` (the main UNet: 5 input channels = latents + face mask, reference
     self-attention slots in its mid / decoder blocks) and `reference_net` (`ReferenceNet`).
 
-    `config` is the latent-space / base architecture config (4 input channels); `unet.config` has in_channels 5.
+    `config` is the latent-space / base architecture config (C input channels: 4 for SD latents);
+    `unet.config` has C + 1 (the mask).
     """
 
     def __init__(self, unet, reference_net: ReferenceNet):
@@ -276,33 +277,36 @@ def _conv_like(src: nnx.Conv, in_features: int, *, rngs: nnx.Rngs) -> nnx.Conv:
 
 
 def attach_flashface(unet, cfg: FlashFaceConfig, *, rngs: nnx.Rngs | None = None) -> FlashFaceModel:
-    """Turn a base UNet (4 input channels; in place) into the main UNet of a `FlashFaceModel` and build the
-    ReferenceNet as a copy of it. conv_in gets a 5th, zero input channel (the face mask); every mid / decoder
+    """Turn a base UNet (in place) into the main UNet of a `FlashFaceModel` and build the ReferenceNet as a copy
+    of it. The base UNet's input channels C equal its output channels (4 for SD latents, 12 for the miniature's
+    2x2-folded pixels); conv_in gets a (C+1)-th, zero input channel (the face mask); every mid / decoder
     transformer block gets `attn_ref` (a copy of its `attn1`; init 'zero' zeroes the copy's output projection).
-    A UNet that already has 5 input channels (an export's `unet/`) keeps its conv_in and gets a ReferenceNet with
-    a fresh 4-channel conv_in, to be filled by `load_tensors`."""
+    A UNet that already has C+1 input channels (an export's `unet/`) keeps its conv_in and gets a ReferenceNet
+    with a fresh C-channel conv_in, to be filled by `load_tensors`."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    channels = unet.config.in_channels
-    if channels not in (4, 5):
-        raise ValueError(f"flashface: the base UNet must have 4 input channels (or 5 for an exported FlashFace "
-                         f"UNet), got in_channels={channels}")
+    channels, latent_channels = unet.config.in_channels, unet.config.out_channels
+    if channels not in (latent_channels, latent_channels + 1):
+        raise ValueError(f"flashface: the base UNet must have as many input channels as output channels "
+                         f"({latent_channels}), or one more for an exported FlashFace UNet (the mask), got "
+                         f"in_channels={channels}")
     reference_unet = nnx.clone(unet)
-    latent_config = dataclasses.replace(unet.config, in_channels=4)
-    if channels == 5:
-        reference_unet.conv_in = _conv_like(unet.conv_in, 4, rngs=rngs)
+    latent_config = dataclasses.replace(unet.config, in_channels=latent_channels)
+    if channels == latent_channels + 1:
+        reference_unet.conv_in = _conv_like(unet.conv_in, latent_channels, rngs=rngs)
     else:
         old = unet.conv_in
-        new = _conv_like(old, 5, rngs=rngs)
+        new = _conv_like(old, latent_channels + 1, rngs=rngs)
         kernel = old.kernel.get_value()
         if isinstance(kernel, jax.ShapeDtypeStruct):  # a shape-only model (the trainer's abstract pass)
-            new.kernel.set_value(jax.ShapeDtypeStruct(kernel.shape[:2] + (5,) + kernel.shape[3:], kernel.dtype))
+            new.kernel.set_value(jax.ShapeDtypeStruct(kernel.shape[:2] + (latent_channels + 1,) + kernel.shape[3:],
+                                                      kernel.dtype))
         else:
             new.kernel.set_value(jnp.concatenate([kernel, jnp.zeros(kernel.shape[:2] + (1,) + kernel.shape[3:],
                                                                     kernel.dtype)], axis=2))
         if old.bias is not None:
             new.bias.set_value(old.bias.get_value())
         unet.conv_in = new
-        unet.config = dataclasses.replace(unet.config, in_channels=5)
+        unet.config = dataclasses.replace(unet.config, in_channels=latent_channels + 1)
     reference_unet.config = latent_config
     blocks = unet.transformer_blocks()
     for name in reference_layers(unet):

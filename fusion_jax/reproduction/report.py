@@ -147,7 +147,7 @@ def results_markdown(summaries: list[dict], runs: list[dict], names: dict, meani
     return "\n".join(lines) + "\n"
 
 
-def _scatter_png(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
+def scatter_png(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
                  title: str) -> None:
     """A scatter plot: matplotlib when installed, else a plain PIL drawing (axes, points, legend, labels)."""
     try:
@@ -200,7 +200,7 @@ def _scatter_png(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], x
 def _histogram_png(path: Path, series: dict[str, np.ndarray], xlabel: str, title: str) -> None:
     """Distributions as stacked 1-D strips (each value a tick) -- readable without matplotlib."""
     ys = {name: np.full(len(v), float(i)) for i, (name, v) in enumerate(series.items())}
-    _scatter_png(path, {n: (np.asarray(series[n], np.float64), ys[n]) for n in series}, xlabel, "run (row)", title)
+    scatter_png(path, {n: (np.asarray(series[n], np.float64), ys[n]) for n in series}, xlabel, "run (row)", title)
 
 
 def write_plots(out: Path, runs: list[dict], meaningless: bool) -> list[Path]:
@@ -212,7 +212,7 @@ def write_plots(out: Path, runs: list[dict], meaningless: bool) -> list[Path]:
                                                                                        for x in r["rows"]]))
                 for r in runs}
     files = [plots / "simtarget_vs_clipt.png", plots / "similarity_distributions.png"]
-    _scatter_png(files[0], tradeoff, "CLIP-T", "SimTarget x100", "SimTarget vs CLIP-T per image" + tag)
+    scatter_png(files[0], tradeoff, "CLIP-T", "SimTarget x100", "SimTarget vs CLIP-T per image" + tag)
     dist = {}
     for r in runs:
         for key in ("sim_ref", "sim_target"):

@@ -1,0 +1,80 @@
+"""The miniature reproduction (infer/evaluate.py): equal-compute step planning, paired claim intervals against
+NumPy, contradicting-prompt rows, the RESULTS.md section, reuse checks. The reduced path end to end is in
+test_quickstart.py (it reuses the quickstart --fast run's stages)."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from fusion_jax import miniature as mm
+from fusion_jax import synth_reproduction as sr
+from fusion_jax.reproduction.stats import bootstrap_mean_interval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_steps_spends_the_same_flops():
+    flops = {"decoupled_fixed": 19.0e9, "single_token": 17.9e9, "flashface": 33.9e9}
+    steps = sr.plan_steps(flops, 600)
+    assert steps["decoupled_fixed"] == 600
+    for name, n in steps.items():  # within half a step of the budget
+        assert abs(n * flops[name] - 600 * flops["decoupled_fixed"]) <= 0.5 * flops[name]
+    assert sr.plan_steps({"decoupled_fixed": 1.0, "flashface": 1e6}, 3)["flashface"] == 1  # at least one step
+
+
+def test_paired_difference_is_the_mean_difference_with_its_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(8), 4)
+    a, b = rng.normal(size=32) + 0.5, rng.normal(size=32)
+    d = sr.paired_difference(a, b, groups, seed=3)
+    assert d["difference"] == pytest.approx(float(np.mean(a - b)), abs=1e-12)
+    _, low, high = bootstrap_mean_interval(a - b, groups.astype(str), seed=3)
+    assert d["ci95"] == [low, high]
+    assert sr.verdict({"ci95": [0.01, 0.2]}) == "held"
+    assert sr.verdict({"ci95": [-0.01, 0.2]}) == "not held" and sr.verdict({"ci95": [-0.3, -0.1]}) == "not held"
+
+
+def test_contradicting_rows_compare_the_prompt_with_the_first_reference_photo():
+    from fusion_jax.data import synthfaces
+
+    eval_set = mm.build_eval_set(synthfaces.SynthFaceConfig(image_size=32), 3, 4)
+    e = synthfaces.ATTRIBUTE_NAMES.index("expression")
+    rows = sr.contradicting_rows(eval_set, "expression")
+    expected = [eval_set.labels[i, e] != eval_set.reference_labels[i, 0, e] for i in range(len(eval_set.captions))]
+    assert rows.tolist() == expected and 0 < rows.sum() < len(rows)  # both kinds of rows occur
+
+
+def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# head\n\nintro\n")
+    sr.replace_section(str(path), "first\n")
+    sr.replace_section(str(path), "second\n")
+    text = path.read_text()
+    assert text.startswith("# head\n\nintro\n") and "second" in text and "first" not in text
+    assert text.count(sr.RESULTS_BEGIN) == 1 and text.count(sr.RESULTS_END) == 1
+
+
+def test_unknown_variant_names_the_key(tmp_path, capsys):
+    from fusion_jax.cli.evaluate import main
+
+    config = os.path.join(ROOT, "configs", "synthfaces", "experiment.yaml")
+    assert main(["--config", config, f"out={tmp_path}", "variants=[decoupled_fixed,nope]"]) == 2
+    err = capsys.readouterr().err
+    assert "variants" in err and "nope" in err
+
+
+def test_a_folder_trained_with_other_settings_is_not_reused(tmp_path):
+    from fusion_jax.config import save_config
+
+    cfg = sr.EvaluationConfig(out=str(tmp_path), base_steps=4, fusion_steps=4, widths=(8, 16))
+    config = sr.variant_config(cfg, str(tmp_path), "decoupled_fixed", 4)
+    sr.check_reusable(config)  # nothing there yet
+    os.makedirs(os.path.join(config.workdir, "checkpoints", "4"))
+    save_config(config, os.path.join(config.workdir, "config.yaml"))
+    sr.check_reusable(config)  # the same run, and a longer one of it
+    sr.check_reusable(sr.variant_config(cfg, str(tmp_path), "decoupled_fixed", 40))
+    other = sr.variant_config(dataclasses.replace(cfg, batch_size=8), str(tmp_path), "decoupled_fixed", 4)
+    with pytest.raises(ValueError, match=r"fusion holds a run with other settings \(data.batch_size: 16 there"):
+        sr.check_reusable(other)

@@ -371,9 +371,11 @@ def to_unit(images: np.ndarray) -> np.ndarray:
 
 def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int, *, steps: int,
                   guidance: float, reference_guidance: str, reference_scale: float, batch: int, seed: int,
-                  progress=None, sampler: Optional[Callable] = None) -> np.ndarray:
+                  progress=None, sampler: Optional[Callable] = None,
+                  boxes: Optional[np.ndarray] = None) -> np.ndarray:
     """Generated uint8 images (M, H, W, 3): 0 references (text only) or the first `num_references` references.
-    The same initial noise per row for every setting (only the conditioning changes)."""
+    The same initial noise per row for every setting (only the conditioning changes). `boxes` (M, K, 4): pixel
+    boxes of each row's face(s) in the generated image, for methods that read them (with references only)."""
     from fusion_jax.sampling import SamplingConfig, generate, latent_shape, tokenize
 
     size = eval_set.target_images.shape[2]
@@ -391,17 +393,21 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
         if pad:
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
             noise = np.concatenate([noise, np.repeat(noise[-1:], pad, 0)])
-        refs = None
+        refs = row_boxes = None
         if num_references:
             refs = to_unit(eval_set.reference_crops[lo:hi, :num_references])
+            row_boxes = None if boxes is None else np.asarray(boxes[lo:hi], np.float32)
             if pad:
                 refs = np.concatenate([refs, np.repeat(refs[-1:], pad, 0)])
+                if row_boxes is not None:
+                    row_boxes = np.concatenate([row_boxes, np.repeat(row_boxes[-1:], pad, 0)])
         key = jax.random.fold_in(jax.random.key(seed), lo)
         if sampler is not None:
-            images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, identity_cfg=identity_cfg)
+            images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, identity_cfg=identity_cfg,
+                             **({"boxes": row_boxes} if row_boxes is not None else {}))
         else:
             images = generate(pipeline, ids, key=key, cfg=cfg, noise=jnp.asarray(noise), references=refs,
-                              identity_cfg=identity_cfg if refs is not None else None)
+                              boxes=row_boxes, identity_cfg=identity_cfg if refs is not None else None)
         out.append(np.asarray(images)[: hi - lo])
         if progress is not None:
             progress.update(hi - lo)

@@ -36,6 +36,8 @@ class Variant:
     overrides: tuple[str, ...]  # key=value overrides of configs/synthfaces/face_fusion.yaml ({reference_size}: the
     #                             stream's reference crop side)
     region_masks: bool = False  # takes one box per person (the two-people test runs on it)
+    face_box: bool = False  # is told where the face goes (a box per image; FlashFace's mask channel): the mean
+    #                         face box of the held-out photos
 
 
 VARIANTS: dict[str, Variant] = {
@@ -53,9 +55,11 @@ VARIANTS: dict[str, Variant] = {
     # FlashFace: ReferenceNet feature maps into the decoder self-attention, the face-mask channel, trained from
     # the base model's copy
     "flashface": Variant("FlashFace (reference feature maps)", (
-        "objective.name=flashface", "flashface.reference_size={reference_size}", "train.trainable=reference")),
+        "objective.name=flashface", "flashface.reference_size={reference_size}", "train.trainable=reference"),
+        face_box=True),
 }
 REFERENCE_VARIANT = "decoupled_fixed"  # the compute budget is counted in this variant's steps
+SINGLE_CFG_VARIANT = "flashface"  # also sampled with single CFG (FlashFace's disentangled-guidance claim)
 
 # Registered methods the miniature cannot train, and why (reported in the table's notes).
 NOT_IN_MINIATURE = {
@@ -71,7 +75,7 @@ class EvaluationConfig:
 
     out: str = ""  # output folder (shares pipeline/, base/, base_pipeline/, metrics/ with a quickstart DIR)
     base_steps: int = 5000  # text-to-image base steps
-    fusion_steps: int = 600  # the compute budget: this many training steps of decoupled_fixed, in FLOPs
+    fusion_steps: int = 800  # the compute budget: this many training steps of decoupled_fixed, in FLOPs
     batch_size: int = 16  # training batch
     widths: tuple[int, ...] = mm.MiniatureModelConfig().widths  # UNet channels per level
     variants: tuple[str, ...] = tuple(VARIANTS)  # which VARIANTS to train and evaluate
@@ -204,24 +208,20 @@ def measure_flops(cfg: EvaluationConfig, out: str, names: Sequence[str], log) ->
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _method_config(identity_cfg, eval_set: mm.EvalSet):
-    """FlashFace is told where the face goes (its mask channel): the mean box of the held-out photos."""
-    from fusion_jax.identity.flashface import FlashFaceConfig
-
-    if isinstance(identity_cfg, FlashFaceConfig) and eval_set.reference_boxes is not None:
-        size = eval_set.target_images.shape[2]
-        box = np.clip(eval_set.reference_boxes.reshape(-1, 4).mean(axis=0) / size, 0.0, 1.0)
-        return dataclasses.replace(identity_cfg, face_box=tuple(float(v) for v in box))
-    return identity_cfg
+def mean_face_boxes(eval_set: mm.EvalSet) -> np.ndarray:
+    """(M, 1, 4) pixel boxes: the mean face box of the held-out reference photos, for every row."""
+    box = eval_set.reference_boxes.reshape(-1, 4).mean(axis=0)
+    return np.broadcast_to(box, (len(eval_set.captions), 1, 4)).astype(np.float32)
 
 
 def sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg: EvaluationConfig, n: int,
-                     guidance_mode: str = "disentangled") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     guidance_mode: str = "disentangled", boxes: Optional[np.ndarray] = None
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from fusion_jax.quickstart import per_image_scores
 
     images = mm.sample_images(pipeline, identity_cfg, eval_set, n, steps=cfg.sample_steps, guidance=cfg.guidance,
                               reference_guidance=guidance_mode, reference_scale=cfg.reference_scale,
-                              batch=min(16, len(eval_set.captions)), seed=cfg.seed)
+                              batch=min(16, len(eval_set.captions)), seed=cfg.seed, boxes=boxes)
     return images, per_image_scores(metrics, images, eval_set, n)
 
 
@@ -443,12 +443,15 @@ def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print,
         timings[name] = mm.train_stage(config, log)
         model, run_config, _ = mm.restore_model(config.workdir, use_ema=True)
         pipeline = mm.pixel_pipeline(config.model.pipeline, model.unet)
-        identity_cfg = _method_config(mm.run_identity_config(run_config), eval_set)
+        identity_cfg = mm.run_identity_config(run_config)
+        boxes = mean_face_boxes(eval_set) if VARIANTS[name].face_box else None
         t = time.perf_counter()
         for n in (1, 4):
-            _, per_image[f"{name}_{n}"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, n)
-        if name == "flashface":  # single CFG on the same rows: the disentangled-guidance claim
-            _, per_image[f"{name}_1_cfg"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, 1, "cfg")
+            _, per_image[f"{name}_{n}"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, n,
+                                                           boxes=boxes)
+        if name == SINGLE_CFG_VARIANT:  # single CFG on the same rows: the disentangled-guidance claim
+            _, per_image[f"{name}_1_cfg"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, 1, "cfg",
+                                                             boxes=boxes)
         if VARIANTS[name].region_masks and cfg.two_people and "two_people" not in extras:
             qs = QuickstartConfig(out=out, sample_steps=cfg.sample_steps, guidance=cfg.guidance,
                                   reference_scale=cfg.reference_scale, two_people=cfg.two_people, seed=cfg.seed)

@@ -78,3 +78,17 @@ def test_a_folder_trained_with_other_settings_is_not_reused(tmp_path):
     other = sr.variant_config(dataclasses.replace(cfg, batch_size=8), str(tmp_path), "decoupled_fixed", 4)
     with pytest.raises(ValueError, match=r"fusion holds a run with other settings \(data.batch_size: 16 there"):
         sr.check_reusable(other)
+
+
+def test_mean_face_box_is_the_held_out_photos_mean_inside_the_image():
+    from fusion_jax.data import synthfaces
+
+    faces = synthfaces.SynthFaceConfig(image_size=32)
+    eval_set = mm.build_eval_set(faces, 2, 3)
+    boxes = sr.mean_face_boxes(eval_set)
+    assert boxes.shape == (6, 1, 4) and np.all(boxes == boxes[0])
+    photos = [synthfaces.render_face(int(i), p, faces)["face_box"]
+              for i in np.unique(eval_set.identity_ids) for p in mm.REFERENCE_PHOTOS]
+    np.testing.assert_allclose(boxes[0, 0], np.mean(photos, axis=0), rtol=1e-5)
+    x0, y0, x1, y1 = boxes[0, 0]
+    assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32

@@ -42,13 +42,24 @@ def run_train(workdir: str, cache: str, *overrides: str) -> subprocess.Completed
 
 
 def tiny_run(base) -> dict:
-    """3 steps, then resumed to 5 (once per session). Returns paths and both processes' outputs."""
-    root = os.path.join(str(base), "tiny_face_fusion_run")
+    """3 steps, then resumed to 5 (once per session, also across pytest-xdist workers: under xdist the run lives in
+    the session's shared temp root, and a file lock makes a second worker wait for the first's run instead of
+    training it again). Returns paths and both processes' outputs."""
+    import fcntl
+
+    shared = os.path.dirname(str(base)) if os.environ.get("PYTEST_XDIST_WORKER") else str(base)
+    root = os.path.join(shared, "tiny_face_fusion_run")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _tiny_run_once(root)
+
+
+def _tiny_run_once(root: str) -> dict:
     marker = os.path.join(root, "done.json")
     if os.path.isfile(marker):
         with open(marker) as f:
             return json.load(f)
-    os.makedirs(root, exist_ok=True)
     workdir, cache = os.path.join(root, "run"), os.path.join(root, "cache")
     first = run_train(workdir, cache, "train.steps=3")
     assert first.returncode == 0, first.stderr[-4000:]

@@ -189,9 +189,9 @@ def scatter_png(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], xl
         fx, fy = k / 4, k / 4
         px, py = m + fx * (w - 1.5 * m), h - m - fy * (h - 1.5 * m)
         d.line([px, h - m, px, h - m + 4], fill="black")
-        d.text((px - 12, h - m + 6), f"{x0 + fx * (x1 - x0):.1f}", fill="black")
+        d.text((px - 12, h - m + 6), f"{x0 + fx * (x1 - x0):.3f}", fill="black")
         d.line([m - 4, py, m, py], fill="black")
-        d.text((2, py - 5), f"{y0 + fy * (y1 - y0):.1f}", fill="black")
+        d.text((1, py - 5), f"{y0 + fy * (y1 - y0):.3f}", fill="black")
     d.text((w // 2 - 40, h - m + 22), xlabel, fill="black")
     d.text((4, 4), f"{title}  (y: {ylabel})", fill="black")
     img.save(path)

@@ -73,12 +73,17 @@ def seeded_metric_setup(name: str, image_size: int, seed: int):
                                reader_train=dataclasses.replace(setup.reader_train, seed=seed))
 
 
+def fusion_recipe(cfg: QuickstartConfig) -> tuple[str, ...]:
+    """Overrides of face_fusion.yaml the quickstart trains with: trainable set, learning rate, stage seeds (the
+    evaluation starts every method from these, so a quickstart folder's runs are its runs)."""
+    return (f"train.trainable={cfg.fusion_trainable}", f"train.lr={cfg.fusion_lr}", *stage_seed_overrides(cfg.seed))
+
+
 def quickstart_stage_configs(cfg: QuickstartConfig, out: str):
     """(base config, Face Fusion config, MiniatureModelConfig) of the from-scratch stages under OUT, seeded."""
-    seeds = stage_seed_overrides(cfg.seed)
     base, fusion, model_cfg = mm.stage_configs(
-        out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths, extra_base=seeds,
-        extra_fusion=(f"train.trainable={cfg.fusion_trainable}", f"train.lr={cfg.fusion_lr}", *seeds))
+        out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths, extra_base=stage_seed_overrides(cfg.seed),
+        extra_fusion=fusion_recipe(cfg))
     return base, fusion, dataclasses.replace(model_cfg, seed=cfg.seed)
 
 

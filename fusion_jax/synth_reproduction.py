@@ -98,12 +98,10 @@ PLOTS = ("evaluation_identity_vs_prompt.png", "evaluation_sim_target_vs_referenc
 
 # ------------------------------------------------------------------------------------------------- compute
 def identity_recipe(seed: int) -> tuple[str, ...]:
-    """Overrides every variant starts from: the quickstart's Face Fusion recipe (trainable set, learning rate)
-    and its stage seeds, so a quickstart folder's runs are this evaluation's runs."""
-    from fusion_jax.quickstart import QuickstartConfig, stage_seed_overrides
+    """Overrides every variant starts from: the quickstart's Face Fusion recipe and stage seeds."""
+    from fusion_jax.quickstart import QuickstartConfig, fusion_recipe
 
-    qs = QuickstartConfig(out="")
-    return (f"train.trainable={qs.fusion_trainable}", f"train.lr={qs.fusion_lr}", *stage_seed_overrides(seed))
+    return fusion_recipe(QuickstartConfig(out="", seed=seed))
 
 
 def stage_configs(cfg: EvaluationConfig, out: str, steps: int, extra_fusion: Sequence[str] = ()):

@@ -414,17 +414,6 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
     return np.concatenate(out)
 
 
-def score(metrics, generated: np.ndarray, eval_set: EvalSet, num_references: int) -> dict[str, float]:
-    """SimTarget / SimRef / Paste (against the first max(1, n) references) and prompt accuracy of one setting."""
-    from fusion_jax import evaluation
-
-    refs = eval_set.reference_images[:, : max(1, num_references)]
-    ident = evaluation.identity_metrics(metrics.embedder, generated, refs, eval_set.target_images)
-    acc = evaluation.prompt_accuracy(metrics.reader, generated, eval_set.labels, synthfaces.ATTRIBUTE_NAMES)
-    return {**ident, "prompt_accuracy": acc["mean"], **{f"prompt_accuracy_{k}": v for k, v in acc.items()
-                                                         if k != "mean"}}
-
-
 def real_photo_reference_scores(metrics, eval_set: EvalSet) -> dict[str, float]:
     """Ceilings: the metrics of the real held-out target photos themselves (same-person similarity of real photos,
     reader accuracy on real photos is in the metrics report)."""

@@ -1,3 +1,7 @@
 """fusion-jax: identity-preserving image synthesis (Face Fusion, FaceStudio, FlashFace) in JAX / Flax NNX."""
 
 __version__ = "0.1.0"
+
+from fusion_jax import runtime as _runtime
+
+_runtime.apply_xla_cpu_defaults()  # before any backend starts: XLA reads XLA_FLAGS once (see runtime.py)

@@ -5,7 +5,7 @@
     gpu       bfloat16        cudnn (fused flash attention) where cuDNN's constraints hold, else xla
     tpu       bfloat16        xla
     rocm      bfloat16        xla  (jax reports ROCm as 'gpu'; cuDNN does not exist there)
-    cpu       float32         xla  (queries in blocks of `query_chunk_size` for long self-attention)
+    cpu       float32         chunked  (heads first, queries in blocks of `query_chunk_size`)
     other     float32         xla
 
 Why:
@@ -24,8 +24,11 @@ Why:
   bfloat16 / float16 inputs, head dim a multiple of 8 and <= 256 (Hopper, compute capability 9.0+; <= 128
   before: SD1.5's 160-wide heads fall back to XLA on an A100), and with an additive bias in training both
   sequence lengths even (77-token text is odd). Everything else runs XLA's attention, which is always correct.
-- CPU: float32 (bfloat16 has no fast CPU path) and the attention `auto` chose before this module existed, so
-  every CPU number and test is bit-identical to the explicit float32 settings.
+- CPU: float32 (bfloat16 has no fast CPU path). Attention runs `models.attention.blocked_attention` for every
+  call: XLA:CPU's own (B, L, H, D) attention transposes the whole score tensor around each contraction, and a
+  1024 x 1024 score tensor per head falls out of cache; heads first and 128-query blocks made the `mid` UNet
+  forward 1.7x faster on 2 cores (`benchmarks/unet.py`, docs/DESIGN.md section 9), with the same outputs to
+  float32 rounding (tests/test_unet.py compares both kernels with diffusers).
 """
 
 from __future__ import annotations
@@ -39,20 +42,20 @@ import jax.numpy as jnp
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_QUERY_BLOCK = 128  # queries per block of the 'chunked' attention kernel (CPU): 8 heads x 128 x 1024 scores = 4 MiB
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     compute_dtype: str  # what compute_dtype 'auto' becomes
     attention: str  # what attention kernel 'auto' prefers ('cudnn' only where its constraints hold)
-    chunk_long_queries: bool = False  # self-attention with more queries than query_chunk_size -> 'chunked'
 
 
 RULES: dict[str, Rule] = {
     "gpu": Rule("bfloat16", "cudnn"),
     "tpu": Rule("bfloat16", "xla"),
     "rocm": Rule("bfloat16", "xla"),
-    "cpu": Rule("float32", "xla", chunk_long_queries=True),
+    "cpu": Rule("float32", "chunked"),
 }
 FALLBACK = Rule("float32", "xla")
 
@@ -108,7 +111,6 @@ def resolve_attention_kernel(
     head_dim: int,
     q_len: int,
     kv_len: int,
-    query_chunk_size: int = 1024,
     has_bias: bool = False,
     training: bool = False,
     compute_capability: Optional[tuple[int, int]] = None,
@@ -127,6 +129,4 @@ def resolve_attention_kernel(
                     and head_dim % 8 == 0 and head_dim <= max_head
                     and not (has_bias and training and (q_len % 2 or kv_len % 2)))
         return "cudnn" if eligible else "xla"
-    if rule.chunk_long_queries and q_len > query_chunk_size:
-        return "chunked"
-    return "xla"
+    return rule.attention

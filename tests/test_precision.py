@@ -34,7 +34,7 @@ def test_unknown_compute_dtype_is_an_error():
 
 def _kernel(backend, dtype=jnp.bfloat16, head_dim=64, q_len=4096, kv_len=77, cc=(9, 0), **kw):
     return precision.resolve_attention_kernel("auto", backend=backend, dtype=dtype, head_dim=head_dim, q_len=q_len,
-                                              kv_len=kv_len, query_chunk_size=1024, compute_capability=cc, **kw)
+                                              kv_len=kv_len, compute_capability=cc, **kw)
 
 
 def test_auto_attention_kernel_per_backend():
@@ -53,10 +53,10 @@ def test_auto_attention_kernel_per_backend():
     assert _kernel("gpu", has_bias=True, training=True) == "xla"
     assert _kernel("gpu", has_bias=True, training=True, kv_len=78) == "cudnn"
     assert _kernel("gpu", has_bias=True, training=False) == "cudnn"
-    # TPU and ROCm: XLA; CPU: XLA, chunked queries for long self-attention (the rule 'auto' had before)
+    # TPU and ROCm: XLA; CPU: the heads-first blocked kernel at every length
     assert _kernel("tpu") == "xla" and _kernel("rocm") == "xla"
     assert _kernel("cpu", dtype=jnp.float32) == "chunked"
-    assert _kernel("cpu", dtype=jnp.float32, q_len=1024) == "xla"
+    assert _kernel("cpu", dtype=jnp.float32, q_len=64, kv_len=77) == "chunked"
     # an explicit kernel is never changed
     assert precision.resolve_attention_kernel("xla", backend="gpu", dtype=jnp.bfloat16, head_dim=64, q_len=8,
                                               kv_len=8) == "xla"

@@ -18,6 +18,7 @@ from flax import nnx
 from fusion_jax import weights
 from fusion_jax.models import attention as attention_lib
 from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig, set_attention_kernel
+from fusion_jax.models.resnet import GroupNorm
 from parity_helpers import rel_l2
 
 TOL = 1e-4
@@ -159,6 +160,34 @@ def test_attention_kernels_agree_and_upcast():
                                                upcast=True)
     assert half.dtype == jnp.bfloat16
     assert rel_l2(half.astype(jnp.float32), xla) < 2e-2
+    # the blocked kernel's gradients (through lax.map and the max it stops) equal XLA's
+    def loss(kernel):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention_lib.dot_product_attention(
+            q, k, v, kernel=kernel, query_chunk_size=16)))
+    grads_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    grads_chunked = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    for ours, theirs in zip(grads_chunked, grads_xla):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 64), (3, 40, 32), (1, 4, 4, 3, 16)])
+def test_group_norm_matches_torch(shape):
+    """Our GroupNorm (per-channel then per-group reductions) equals torch.nn.GroupNorm on NHWC-like inputs of any
+    rank, with affine parameters; a bfloat16 input comes back bfloat16 (statistics in float32)."""
+    channels = shape[-1]
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    reference = torch.nn.GroupNorm(8, channels, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(rng.standard_normal(channels).astype(np.float32)))
+        reference.bias.copy_(torch.from_numpy(rng.standard_normal(channels).astype(np.float32)))
+        channels_first = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+        expected = np.moveaxis(reference(channels_first).numpy(), 1, -1)
+    norm = GroupNorm(channels, 8, epsilon=1e-6, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray(reference.weight.detach().numpy())
+    norm.bias[...] = jnp.asarray(reference.bias.detach().numpy())
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), expected, rtol=1e-5, atol=2e-5)
+    assert norm(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_remat_gives_the_same_gradients():

@@ -245,7 +245,7 @@ class UNet2DConditionModel(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         attention_kernel: attention_lib.AttentionKernel = "auto",
-        query_chunk_size: int = 1024,
+        query_chunk_size: int = attention_lib.DEFAULT_QUERY_BLOCK,
         remat: Remat = "none",
     ):
         if not isinstance(config, UNetConfig):

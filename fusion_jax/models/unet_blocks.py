@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture
-from fusion_jax.models.attention import AttentionKernel, Transformer2DModel
+from fusion_jax.models.attention import DEFAULT_QUERY_BLOCK, AttentionKernel, Transformer2DModel
 from fusion_jax.models.remat import Remat, call_maybe_remat, remat_name
 from fusion_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -32,7 +32,7 @@ class BlockOptions:
     upcast_attention: bool = False  # attention scores in float32
     dropout: float = 0.0  # dropout rate inside resnets and transformer blocks
     kernel: AttentionKernel = "auto"  # attention kernel, see models.attention
-    query_chunk_size: int = 1024  # query block size of the chunked attention kernel
+    query_chunk_size: int = DEFAULT_QUERY_BLOCK  # query block size of the chunked attention kernel
     remat: Remat = "none"  # jax.checkpoint policy name of resnets and transformer blocks (models.remat)
 
 

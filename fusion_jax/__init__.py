@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from fusion_jax import runtime as _runtime
+from fusion_jax.xla_defaults import apply_xla_cpu_defaults as _apply_xla_cpu_defaults
 
-_runtime.apply_xla_cpu_defaults()  # before any backend starts: XLA reads XLA_FLAGS once (see runtime.py)
+_apply_xla_cpu_defaults()  # before any backend starts: XLA reads XLA_FLAGS once (see xla_defaults.py)

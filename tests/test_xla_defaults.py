@@ -1,5 +1,5 @@
-"""`fusion_jax.runtime`'s XLA:CPU defaults: added by `import fusion_jax` before any backend starts, never over the
-user's own value for the same flag, and off with FUSION_JAX_XLA_DEFAULTS=0. Each case is a fresh interpreter,
+"""`fusion_jax.xla_defaults`: the XLA:CPU flags are added by `import fusion_jax` before any backend starts, never
+over the user's own value for the same flag, and off with FUSION_JAX_XLA_DEFAULTS=0. Each case is a fresh interpreter,
 because XLA reads XLA_FLAGS once per process."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from fusion_jax import runtime
+from fusion_jax import xla_defaults
 
 PROBE = ("import json, os, fusion_jax, jax; jax.numpy.ones(1).block_until_ready(); "
-         "from fusion_jax import runtime; "
-         "print(json.dumps([os.environ.get('XLA_FLAGS', ''), runtime.apply_xla_cpu_defaults()]))")
+         "from fusion_jax import xla_defaults; "
+         "print(json.dumps([os.environ.get('XLA_FLAGS', ''), xla_defaults.apply_xla_cpu_defaults()]))")
 FLAG = "xla_cpu_experimental_ynn_fusion_type"
 
 
@@ -28,9 +28,9 @@ def _probe(**env) -> tuple[str, list]:
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({}, f"--{FLAG}={runtime.XLA_CPU_DEFAULTS[FLAG]}"),
+    ({}, f"--{FLAG}={xla_defaults.XLA_CPU_DEFAULTS[FLAG]}"),
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-     f"--xla_force_host_platform_device_count=2 --{FLAG}={runtime.XLA_CPU_DEFAULTS[FLAG]}"),
+     f"--xla_force_host_platform_device_count=2 --{FLAG}={xla_defaults.XLA_CPU_DEFAULTS[FLAG]}"),
     ({"XLA_FLAGS": f"--{FLAG}=-eltwise"}, f"--{FLAG}=-eltwise"),  # the user's value wins
     ({"FUSION_JAX_XLA_DEFAULTS": "0"}, ""),
 ])

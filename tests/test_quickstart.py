@@ -93,6 +93,9 @@ def test_quickstart_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--steps", "10"])  # training steps without --from-scratch
     assert "--from-scratch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--guidance", "0.5"])
+    assert "--guidance must be >= 1" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="missing.*--from-scratch"):
         main(["--out", str(tmp_path / "q"), "--assets", str(tmp_path / "nothing")])
 

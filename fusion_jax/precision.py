@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_QUERY_BLOCK = 128  # queries per block of the 'chunked' attention kernel (CPU): 8 heads x 128 x 1024 scores = 4 MiB
+DEFAULT_QUERY_BLOCK = 128  # queries per block of the CPU attention kernel: 8 heads x 128 x 1024 scores = 4 MiB
 
 
 @dataclasses.dataclass(frozen=True)

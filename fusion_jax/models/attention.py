@@ -5,7 +5,7 @@ Weight-compatible with diffusers (`Attention`: `to_q`, `to_k`, `to_v`, `to_out[0
 `proj_in`, `transformer_blocks`, `proj_out`). NHWC / (B, tokens, channels) layouts; softmax and norms in float32.
 
 Attention kernels (`kernel=`): `'xla'` (`jax.nn.dot_product_attention`), `'cudnn'` (its cuDNN flash kernel, GPU,
-bf16/fp16 only), `'chunked'` (`blocked_attention`: heads moved first once, queries in blocks of `query_chunk_size`
+bf16/fp16 only), `'chunked'` (`blocked_attention`: heads-first, queries in blocks of `query_chunk_size`
 under `lax.map`, which bounds the (queries x keys) score memory; the fastest CPU path at every length), `'auto'`
 (the rule table of `fusion_jax.precision`: cuDNN on a CUDA GPU where its constraints hold, chunked on CPU, else
 XLA).
@@ -98,25 +98,22 @@ def _heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-    """The CPU kernel: (B, Lq, H, D) attention with heads moved first once and queries in blocks of `block`.
+    """The CPU kernel: (B, Lq, H, D) attention computed heads-first, `block` queries at a time.
 
-    Why (measured, `benchmarks/unet.py`, 2 cores): XLA:CPU runs (B, L, H, D) attention einsums (`jax.nn.dot_product_attention`'s layout)
-    with a transpose of the whole (B, H, Lq, Lk) score tensor around each contraction, and a full 1024 x 1024
-    score tensor per head no longer fits the cache; moving heads first once and taking 128 queries at a time
-    (scores of 8 heads x 128 x 1024 floats = 4 MiB) made the `mid` UNet forward 1.7x faster. Blocks run under
-    `lax.map`, so the score memory is bounded by (B, H, block, Lk) for any length; a ragged last block is padded.
+    Why (measured, `benchmarks/unet.py`, 2 cores): XLA:CPU runs attention einsums on the (B, L, H, D) layout (that
+    of `jax.nn.dot_product_attention`) with a transpose of the whole (B, H, Lq, Lk) score tensor around each
+    contraction, and a full 1024 x 1024 score tensor per head no longer fits the cache. Keys and values are moved
+    heads-first once, each block of queries as it is taken; 128 queries at a time (8 heads x 128 x 1024 float32
+    scores = 4 MiB) made the `mid` UNet forward 1.7x faster. Blocks run under `lax.map` (`_map_query_chunks`), so
+    the score memory is bounded by (B, H, block, Lk) for any length.
     """
-    qh, kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))
-    batch, heads, length, dim = qh.shape
-    if length <= block:
-        out = _heads_first_attention(qh, kh, vh)
-    else:
-        n = -(-length // block)
-        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n * block - length), (0, 0)))
-        blocks = jnp.moveaxis(qh.reshape(batch, heads, n, block, dim), 2, 0)
-        out = jax.lax.map(lambda qb: _heads_first_attention(qb, kh, vh), blocks)
-        out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, n * block, dim)[:, :, :length]
-    return jnp.transpose(out, (0, 2, 1, 3))
+    kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
+
+    def one_block(q_block: jax.Array) -> jax.Array:
+        out = _heads_first_attention(jnp.transpose(q_block, (0, 2, 1, 3)), kh, vh)
+        return jnp.transpose(out, (0, 2, 1, 3))
+
+    return _map_query_chunks(one_block, q, block)
 
 
 def dot_product_attention(

@@ -137,7 +137,7 @@ class ModelConfig:
     # Activations run in train.compute_dtype; params are stored in train.param_dtype (the frozen VAE and text
     # encoder too). Attention implementation of the UNet (`fusion_jax.models.attention`).
     attention_kernel: str = "auto"
-    query_chunk_size: int = 128  # query block of the 'chunked' attention kernel (CPU's; = precision.DEFAULT_QUERY_BLOCK)
+    query_chunk_size: int = 1024  # query block of the explicit 'chunked' kernel and of identity attention
     text_length: int = 77  # unet_preset with data.source synthetic: text tokens per prompt
 
 

@@ -5,7 +5,7 @@
     gpu       bfloat16        cudnn (fused flash attention) where cuDNN's constraints hold, else xla
     tpu       bfloat16        xla
     rocm      bfloat16        xla  (jax reports ROCm as 'gpu'; cuDNN does not exist there)
-    cpu       float32         chunked  (heads first, queries in blocks of `query_chunk_size`)
+    cpu       float32         chunked  (heads-first, blocks of CPU_QUERY_BLOCK = 128 queries)
     other     float32         xla
 
 Why:
@@ -25,9 +25,10 @@ Why:
   before: SD1.5's 160-wide heads fall back to XLA on an A100), and with an additive bias in training both
   sequence lengths even (77-token text is odd). Everything else runs XLA's attention, which is always correct.
 - CPU: float32 (bfloat16 has no fast CPU path). Attention runs `models.attention.blocked_attention` for every
-  call: XLA:CPU's own (B, L, H, D) attention transposes the whole score tensor around each contraction, and a
-  1024 x 1024 score tensor per head falls out of cache; heads first and 128-query blocks made the `mid` UNet
-  forward 1.7x faster on 2 cores (`benchmarks/unet.py`, docs/DESIGN.md section 9), with the same outputs to
+  call, in blocks of 128 queries whatever the layer's `query_chunk_size` (which stays the block of an explicit
+  'chunked' kernel and of the identity attention, 1024 by default): XLA:CPU's own (B, L, H, D) attention
+  transposes the whole score tensor around each contraction, and a 1024 x 1024 score tensor per head falls out of
+  cache; heads-first 128-query blocks made the `mid` UNet forward about 1.6x faster on 2 cores (`benchmarks/unet.py`, docs/DESIGN.md section 9), with the same outputs to
   float32 rounding (tests/test_unet.py compares both kernels with diffusers).
 """
 
@@ -42,20 +43,21 @@ import jax.numpy as jnp
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_QUERY_BLOCK = 128  # queries per block of the CPU attention kernel: 8 heads x 128 x 1024 scores = 4 MiB
+CPU_QUERY_BLOCK = 128  # queries per block of CPU 'auto' attention: 8 heads x 128 x 1024 scores = 4 MiB
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     compute_dtype: str  # what compute_dtype 'auto' becomes
     attention: str  # what attention kernel 'auto' prefers ('cudnn' only where its constraints hold)
+    query_block: Optional[int] = None  # queries per block when 'auto' runs 'chunked' (None: query_chunk_size)
 
 
 RULES: dict[str, Rule] = {
     "gpu": Rule("bfloat16", "cudnn"),
     "tpu": Rule("bfloat16", "xla"),
     "rocm": Rule("bfloat16", "xla"),
-    "cpu": Rule("float32", "chunked"),
+    "cpu": Rule("float32", "chunked", query_block=CPU_QUERY_BLOCK),
 }
 FALLBACK = Rule("float32", "xla")
 
@@ -101,6 +103,11 @@ def resolve_compute_dtype(setting: str, backend: Optional[str] = None) -> str:
 def compute_dtype(setting: str, backend: Optional[str] = None):
     """`resolve_compute_dtype` as a jnp dtype (what a model's `dtype=` takes)."""
     return _DTYPES[resolve_compute_dtype(setting, backend)]
+
+
+def auto_query_block(backend: str) -> Optional[int]:
+    """Queries per block of 'auto' attention on `backend` when it runs 'chunked' (None: the layer's own setting)."""
+    return RULES.get(backend, FALLBACK).query_block
 
 
 def resolve_attention_kernel(

@@ -57,6 +57,9 @@ def test_auto_attention_kernel_per_backend():
     assert _kernel("tpu") == "xla" and _kernel("rocm") == "xla"
     assert _kernel("cpu", dtype=jnp.float32) == "chunked"
     assert _kernel("cpu", dtype=jnp.float32, q_len=64, kv_len=77) == "chunked"
+    # ... in its own block size (the layers' query_chunk_size keeps 1024 for the identity attention elsewhere)
+    assert precision.auto_query_block("cpu") == precision.CPU_QUERY_BLOCK == 128
+    assert all(precision.auto_query_block(b) is None for b in ("gpu", "tpu", "rocm"))
     # an explicit kernel is never changed
     assert precision.resolve_attention_kernel("xla", backend="gpu", dtype=jnp.bfloat16, head_dim=64, q_len=8,
                                               kv_len=8) == "xla"

@@ -37,7 +37,8 @@ from fusion_jax.models.remat import REMAT_POLICY, Remat, call_maybe_remat, remat
 from fusion_jax.models.resnet import GroupNorm, conv2d
 
 AttentionKernel = Literal["auto", "xla", "cudnn", "chunked"]
-DEFAULT_QUERY_BLOCK = precision.DEFAULT_QUERY_BLOCK
+DEFAULT_QUERY_BLOCK = 1024  # query_chunk_size's default: the block of the explicit 'chunked' kernel and of the
+# identity attention ('auto' on CPU takes precision.CPU_QUERY_BLOCK)
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "chunked")
 IdentityCombine = Literal["joint", "decoupled"]
 
@@ -104,7 +105,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> j
     of `jax.nn.dot_product_attention`) with a transpose of the whole (B, H, Lq, Lk) score tensor around each
     contraction, and a full 1024 x 1024 score tensor per head no longer fits the cache. Keys and values are moved
     heads-first once, each block of queries as it is taken; 128 queries at a time (8 heads x 128 x 1024 float32
-    scores = 4 MiB) made the `mid` UNet forward 1.7x faster. Blocks run under `lax.map` (`_map_query_chunks`), so
+    scores = 4 MiB) made the `mid` UNet forward about 1.6x faster. Blocks run under `lax.map` (`_map_query_chunks`), so
     the score memory is bounded by (B, H, block, Lk) for any length.
     """
     kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
@@ -135,7 +136,8 @@ def dot_product_attention(
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     impl = _resolve_kernel(kernel, q, k)
     if impl == "chunked":
-        out = blocked_attention(q, k, v, query_chunk_size)
+        block = precision.auto_query_block(precision.current_backend()) if kernel == "auto" else None
+        out = blocked_attention(q, k, v, block or query_chunk_size)
     else:
         if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"attention kernel 'cudnn' needs bfloat16/float16 activations, got {q.dtype} "

@@ -105,8 +105,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> j
     of `jax.nn.dot_product_attention`) with a transpose of the whole (B, H, Lq, Lk) score tensor around each
     contraction, and a full 1024 x 1024 score tensor per head no longer fits the cache. Keys and values are moved
     heads-first once, each block of queries as it is taken; 128 queries at a time (8 heads x 128 x 1024 float32
-    scores = 4 MiB) made the `mid` UNet forward about 1.6x faster. Blocks run under `lax.map` (`_map_query_chunks`), so
-    the score memory is bounded by (B, H, block, Lk) for any length.
+    scores = 4 MiB) made the `mid` UNet forward about 1.6x faster. Blocks run under `lax.map`
+    (`_map_query_chunks`), so the score memory is bounded by (B, H, block, Lk) for any length.
     """
     kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
 

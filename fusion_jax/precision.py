@@ -28,8 +28,9 @@ Why:
   call, in blocks of 128 queries whatever the layer's `query_chunk_size` (which stays the block of an explicit
   'chunked' kernel and of the identity attention, 1024 by default): XLA:CPU's own (B, L, H, D) attention
   transposes the whole score tensor around each contraction, and a 1024 x 1024 score tensor per head falls out of
-  cache; heads-first 128-query blocks made the `mid` UNet forward about 1.6x faster on 2 cores (`benchmarks/unet.py`, docs/DESIGN.md section 9), with the same outputs to
-  float32 rounding (tests/test_unet.py compares both kernels with diffusers).
+  cache; heads-first 128-query blocks made the `mid` UNet forward about 1.6x faster on 2 cores
+  (`benchmarks/unet.py`, docs/DESIGN.md section 9), with the same outputs to float32 rounding (tests/test_unet.py
+  compares both kernels with diffusers).
 """
 
 from __future__ import annotations

@@ -36,6 +36,13 @@ def _check_metrics(metrics):
         assert abs(metrics[f"paste_{n}"] - (metrics[f"sim_ref_{n}"] - metrics[f"sim_target_{n}"])) < 1e-6
         assert metrics[f"frechet_{n}"] >= 0.0
     assert metrics["frechet_real_floor"] >= 0.0
+    # paired differences: the mean of per-image differences is the difference of the means, inside its interval
+    for name, (key, a, b) in (("sim_target_4_minus_1_references", ("sim_target", "4_references", "1_reference")),
+                              ("prompt_accuracy_1_reference_minus_none",
+                               ("prompt_accuracy", "1_reference", "no_reference"))):
+        assert abs(metrics[name] - (metrics[f"{key}_{a}"] - metrics[f"{key}_{b}"])) < 1e-9, name
+        low, high = metrics[name + "_ci95"]
+        assert low - 1e-9 <= metrics[name] <= high + 1e-9, name
     two = metrics["two_people"]
     assert -1.0 <= two["region_sim_target_own"] <= 1.0 and -1.0 <= two["region_sim_target_other"] <= 1.0
 
@@ -96,6 +103,9 @@ def test_quickstart_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--guidance", "0.5"])
     assert "--guidance must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--reference-scale", "-1"])
+    assert "--reference-scale must be >= 0" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="missing.*--from-scratch"):
         main(["--out", str(tmp_path / "q"), "--assets", str(tmp_path / "nothing")])
 

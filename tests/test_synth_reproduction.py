@@ -92,3 +92,21 @@ def test_mean_face_box_is_the_held_out_photos_mean_inside_the_image():
     np.testing.assert_allclose(boxes[0, 0], np.mean(photos, axis=0), rtol=1e-5)
     x0, y0, x1, y1 = boxes[0, 0]
     assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
+
+
+def test_eval_set_offset_picks_later_held_out_identities_disjoint_from_the_reported_ones():
+    """A settings sweep on `first_identity=100` never sees the identities the quickstart reports (the first ones)."""
+    from fusion_jax.data import synthfaces
+
+    faces = synthfaces.SynthFaceConfig(image_size=32)
+    heldout = synthfaces.split_identity_ids(faces, "heldout")
+    reported = mm.build_eval_set(faces, 2, 1)
+    validation = mm.build_eval_set(faces, 2, 1, first_identity=100)
+    assert validation.identity_ids.tolist() == [int(heldout[100]), int(heldout[101])]
+    assert not set(reported.identity_ids) & set(validation.identity_ids)
+    again = synthfaces.render_face(int(heldout[100]), mm.REFERENCE_PHOTOS[0], faces)["face_crop"]
+    np.testing.assert_array_equal(validation.reference_crops[0, 0], again)
+    with pytest.raises(ValueError, match="held-out"):
+        mm.build_eval_set(faces, 2, 1, first_identity=len(heldout) - 1)
+    with pytest.raises(ValueError, match="held-out"):
+        mm.build_eval_set(faces, 1, 1, first_identity=-1)

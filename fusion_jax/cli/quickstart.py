@@ -29,10 +29,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--assets", default=None, help="folder of a shipped model (default fusion_jax/assets/miniature)")
     parser.add_argument("--steps", type=int, default=None, help="from scratch: base-model steps (default 5000)")
     parser.add_argument("--fusion-steps", type=int, default=None, help="from scratch: Face Fusion steps (default 2400)")
-    parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 16)")
+    parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 32)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
     parser.add_argument("--guidance", type=float, default=None, help="text guidance scale (default 4.5)")
+    parser.add_argument("--reference-scale", type=float, default=None,
+                        help="reference guidance scale s_ref of the disentangled guidance (default 3.0; 0 = the "
+                             "references have no effect)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seeds every stage: sampling, and with --from-scratch weights, data order, metric models")
     parser.add_argument("--fast", action="store_true",
@@ -54,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         kw["base_steps"] = args.steps
     if args.fusion_steps is not None:
         kw["fusion_steps"] = args.fusion_steps
-    for name in ("identities", "prompts", "sample_steps", "seed", "guidance"):
+    for name in ("identities", "prompts", "sample_steps", "seed", "guidance", "reference_scale"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     for name in ("base_steps", "fusion_steps", "identities", "prompts", "sample_steps"):
@@ -62,6 +65,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
     if kw.get("guidance", 1.0) < 1.0:
         parser.error(f"--guidance must be >= 1 (1 = no guidance), got {kw['guidance']}")
+    if kw.get("reference_scale", 0.0) < 0.0:
+        parser.error(f"--reference-scale must be >= 0, got {kw['reference_scale']}")
     if not kw.get("from_scratch") and (args.steps is not None or args.fusion_steps is not None):
         parser.error("--steps / --fusion-steps train a model: add --from-scratch (the default samples the shipped one)")
     quickstart(QuickstartConfig(out=args.out, **kw))

@@ -54,8 +54,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--identities", type=int, default=32, help="validation identities (default 32)")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per identity (default 4)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated sampling seeds (default 0,1)")
-    parser.add_argument("--guidance", default="4.5", help="comma-separated text guidance scales")
-    parser.add_argument("--reference-scale", default="2.5", help="comma-separated reference guidance scales")
+    defaults = qs.QuickstartConfig(out="")
+    parser.add_argument("--guidance", default=str(defaults.guidance),
+                        help=f"comma-separated text guidance scales (default the quickstart's, {defaults.guidance})")
+    parser.add_argument("--reference-scale", default=str(defaults.reference_scale),
+                        help=f"comma-separated reference guidance scales (default {defaults.reference_scale})")
     parser.add_argument("--reference-max-timestep", default="none",
                         help="comma-separated cut-offs: reference guidance only while t <= it ('none': always)")
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")

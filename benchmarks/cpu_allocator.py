@@ -30,10 +30,9 @@ def child(config: str, steps: int) -> dict:
     """Times `steps` train steps of `config` in this process (after 2 warm-up steps)."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
-    from benchmarks.unet import CONFIGS, TEXT_TOKENS
+    from benchmarks.unet import CONFIGS, TEXT_TOKENS, train_step
     from fusion_jax.models.unet import UNet2DConditionModel, UNetConfig
 
     cfg = UNetConfig.from_dict(dict(CONFIGS[config]))
@@ -44,28 +43,18 @@ def child(config: str, steps: int) -> dict:
     rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)
     size = cfg.sample_size
     keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (1, size, size, cfg.in_channels))
-    context = jax.random.normal(keys[1], (1, TEXT_TOKENS, CONFIGS[config]["cross_attention_dim"]))
-    target = jax.random.normal(keys[2], (1, size, size, cfg.out_channels))
-    t = jnp.full((1,), 500, jnp.int32)
-    tx = optax.adamw(1e-4)
-
-    def step(params, opt_state):
-        def loss_fn(p):
-            return jnp.mean((nnx.merge(graphdef, p, rest)(x, t, context) - target) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = jax.jit(tx.init)(params)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
+    batch = (jax.random.normal(keys[0], (1, size, size, cfg.in_channels)), jnp.full((1,), 500, jnp.int32),
+             jax.random.normal(keys[1], (1, TEXT_TOKENS, CONFIGS[config]["cross_attention_dim"])),
+             jax.random.normal(keys[2], (1, size, size, cfg.out_channels)))
+    jitted, init = train_step(graphdef, rest)
+    opt_state = init(params)
+    compiled = jitted.lower(params, opt_state, *batch).compile()
     for _ in range(2):
-        params, opt_state, loss = compiled(params, opt_state)
+        params, opt_state, loss = compiled(params, opt_state, *batch)
         loss.block_until_ready()
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
-        params, opt_state, loss = compiled(params, opt_state)
+        params, opt_state, loss = compiled(params, opt_state, *batch)
         loss.block_until_ready()
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)

@@ -121,15 +121,13 @@ def benchmark(name: str, batch: int, repeats: int, train: bool) -> list[dict]:
     return rows
 
 
-def train_step_pair(torch_unet, ours, sample, t, context, target, repeats: int) -> dict:
-    """Forward + MSE + backward + AdamW(lr 1e-4): our jitted step vs PyTorch's eager loop, alternated."""
+def train_step(graphdef, rest):
+    """(jitted step, jitted optimizer init) of forward + MSE + backward + AdamW(lr 1e-4) on the UNet's params:
+    `step(params, opt_state, sample, t, context, target) -> (params, opt_state, loss)`, params and state donated."""
     import optax
-    import torch
     from flax import nnx
 
-    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
     tx = optax.adamw(1e-4)
-    jx = tuple(jnp.asarray(a) for a in (sample, t, context, target))
 
     def step(params, opt_state, sample, t, context, target):
         def loss_fn(p):
@@ -140,8 +138,18 @@ def train_step_pair(torch_unet, ours, sample, t, context, target, repeats: int) 
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    opt_state = jax.jit(tx.init)(params)
+    return jax.jit(step, donate_argnums=(0, 1)), jax.jit(tx.init)
+
+
+def train_step_pair(torch_unet, ours, sample, t, context, target, repeats: int) -> dict:
+    """Forward + MSE + backward + AdamW(lr 1e-4): our jitted step vs PyTorch's eager loop, alternated."""
+    import torch
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    jx = tuple(jnp.asarray(a) for a in (sample, t, context, target))
+    jitted, init = train_step(graphdef, rest)
+    opt_state = init(params)
     compile_s, compiled = common.compile_seconds(jitted, params, opt_state, *jx)
     flops = common.xla_flops(jitted, params, opt_state, *jx)
     carry = {"params": params, "opt": opt_state}

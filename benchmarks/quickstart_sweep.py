@@ -61,7 +61,9 @@ def main(argv: list[str]) -> int:
                         help=f"comma-separated reference guidance scales (default {defaults.reference_scale})")
     parser.add_argument("--reference-max-timestep", default="none",
                         help="comma-separated cut-offs: reference guidance only while t <= it ('none': always)")
-    parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps,
+                        help=f"sampler steps (default {defaults.sample_steps})")
+    parser.add_argument("--scheduler", default="ddim", help="sampler: ddim | dpmpp_2m | euler | euler_ancestral")
     parser.add_argument("--json", default=None, help="write every figure here")
     args = parser.parse_args(argv)
 
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> int:
     def sample(n, seed, guidance, scale=0.0, cutoff=None):
         return mm.sample_images(pipeline, identity_cfg, eval_set, n, steps=args.sample_steps, guidance=guidance,
                                 reference_guidance="disentangled", reference_scale=scale, batch=16, seed=seed,
-                                reference_max_timestep=cutoff)
+                                reference_max_timestep=cutoff, scheduler=args.scheduler)
 
     no_ref = {(g, s): score(metrics, sample(0, s, g), eval_set, 0) for g in floats(args.guidance) for s in seeds}
     rows, per_seed = [], []
@@ -110,6 +112,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python benchmarks/quickstart_sweep.py " + " ".join(argv), "wall_s": wall,
+                       "scheduler": args.scheduler, "sample_steps": args.sample_steps,
                        "first_identity": args.first_identity, "identities": args.identities,
                        "prompts": args.prompts, "rows": rows, "per_seed": per_seed}, f, indent=2)
     return 0

@@ -375,16 +375,18 @@ def to_unit(images: np.ndarray) -> np.ndarray:
 
 def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int, *, steps: int,
                   guidance: float, reference_guidance: str, reference_scale: float, batch: int, seed: int,
-                  reference_max_timestep: Optional[int] = None, progress=None, sampler: Optional[Callable] = None,
+                  reference_max_timestep: Optional[int] = None, scheduler: str = "ddim", progress=None,
+                  sampler: Optional[Callable] = None,
                   boxes: Optional[np.ndarray] = None) -> np.ndarray:
     """Generated uint8 images (M, H, W, 3): 0 references (text only) or the first `num_references` references.
     The same initial noise per row for every setting (only the conditioning changes). `boxes` (M, K, 4): pixel
     boxes of each row's face(s) in the generated image, for methods that read them (with references only).
-    `reference_max_timestep`: reference guidance only while t <= it (None: every step)."""
+    `reference_max_timestep`: reference guidance only while t <= it (None: every step); `scheduler`: the
+    sampler (`SamplingConfig.scheduler`)."""
     from fusion_jax.sampling import SamplingConfig, generate, latent_shape, tokenize
 
     size = eval_set.target_images.shape[2]
-    cfg = SamplingConfig(num_steps=steps, guidance_scale=guidance, height=size, width=size,
+    cfg = SamplingConfig(num_steps=steps, guidance_scale=guidance, height=size, width=size, scheduler=scheduler,
                          reference_guidance=reference_guidance, reference_guidance_scale=reference_scale,
                          reference_guidance_max_timestep=reference_max_timestep)
     m = len(eval_set.captions)

@@ -83,7 +83,7 @@ def alternate(ours, theirs, repeats: int) -> dict:
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
-def benchmark(name: str, batch: int, repeats: int, train: bool) -> list[dict]:
+def benchmark(name: str, batch: int, repeats: int, train: bool, parts: bool = False) -> list[dict]:
     import torch
     from flax import nnx
 
@@ -116,8 +116,12 @@ def benchmark(name: str, batch: int, repeats: int, train: bool) -> list[dict]:
     rows = [{**base, "what": "forward", "gflops": flops / 1e9, "compile_s": compile_s, **timing,
              "xla_mem_mib": common.xla_memory_mib(compiled), "rel_l2_vs_torch": rel_err}]
     if train:
+        if parts:  # before the whole step, whose donation deletes the module's own parameter buffers
+            parts_rows = [{**base, **row} for row in train_step_parts(torch_unet, ours, sample, t, context, target,
+                                                                      repeats)]
         rows.append({**base, "what": "train step", **train_step_pair(torch_unet, ours, sample, t, context, target,
                                                                       repeats)})
+        rows += parts_rows if parts else []
     return rows
 
 
@@ -173,6 +177,49 @@ def train_step_pair(torch_unet, ours, sample, t, context, target, repeats: int) 
     return {"gflops": flops / 1e9, "compile_s": compile_s, **timing, "xla_mem_mib": common.xla_memory_mib(compiled)}
 
 
+def train_step_parts(torch_unet, ours, sample, t, context, target, repeats: int) -> list[dict]:
+    """The train step in two parts, each alternated against PyTorch's: forward + MSE + backward (gradients only),
+    and the AdamW(lr 1e-4) update alone on gradients of that shape (ours jitted and donated; PyTorch's default)."""
+    import optax
+    import torch
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    jx = tuple(jnp.asarray(a) for a in (sample, t, context, target))
+
+    def loss_fn(p, sample, t, context, target):
+        return jnp.mean((nnx.merge(graphdef, p, rest)(sample, t, context) - target) ** 2)
+
+    grad_fn = jax.jit(jax.grad(loss_fn))
+    grads = grad_fn(params, *jx)
+    tx = optax.adamw(1e-4)
+
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    apply = jax.jit(update, donate_argnums=(0, 1))
+    carry = {"params": jax.tree.map(jnp.copy, params), "opt": jax.jit(tx.init)(params)}  # donated: a copy
+
+    def ours_update():
+        carry["params"], carry["opt"] = apply(carry["params"], carry["opt"], grads)
+        jax.block_until_ready(carry["params"])
+
+    torch_unet.train()
+    optimizer = torch.optim.AdamW(torch_unet.parameters(), lr=1e-4)
+    ts, tt, tc = torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(context)
+    ttarget = torch.from_numpy(target.transpose(0, 3, 1, 2))
+
+    def torch_gradients():
+        optimizer.zero_grad(set_to_none=False)  # keeps the .grad buffers the update below reads
+        torch.nn.functional.mse_loss(torch_unet(ts, tt, tc).sample, ttarget).backward()
+
+    torch_gradients()
+    return [{"what": "forward+backward", **alternate(lambda: jax.block_until_ready(grad_fn(params, *jx)),
+                                                     torch_gradients, repeats)},
+            {"what": "AdamW update", **alternate(ours_update, optimizer.step, repeats)}]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny,mid", help=f"comma-separated from {sorted(CONFIGS)}")
@@ -180,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="alternating (ours, PyTorch) pairs per row")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch CPU threads")
     p.add_argument("--no-train", action="store_true", help="forward only (no train-step rows)")
+    p.add_argument("--parts", action="store_true",
+                   help="also the train step's parts: forward+backward, and the AdamW update alone")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -189,7 +238,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    rows = [row for n in names for row in benchmark(n, args.batch, args.repeats, not args.no_train)]
+    rows = [row for n in names for row in benchmark(n, args.batch, args.repeats, not args.no_train, args.parts)]
     common.print_table(rows, ["config", "what", "params_M", "latent", "gflops", "compile_s", "ours_s", "torch_s",
                               "ratio_median", "ratio_min", "ratio_max", "xla_mem_mib", "rel_l2_vs_torch"])
     print(f"ratio = ours / PyTorch per alternating pair ({args.repeats} pairs); torch threads {args.threads}")

@@ -70,10 +70,7 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     cfg = qs.QuickstartConfig(out="", assets=args.assets)
     model_dir, metrics_dir, record = qs.shipped(cfg)
-    from fusion_jax import synth_metrics
-
-    setup = qs.seeded_metric_setup(record.get("metric_setup", "default"), 32, record.get("metric_seed", 0))
-    metrics = synth_metrics.prepare_synthface_metrics(str(metrics_dir), setup=setup)
+    metrics = qs.load_metrics(cfg, metrics_dir, record)
     pipeline, identity_cfg = assets.load_quickstart_model(model_dir)
     eval_set = mm.build_eval_set(qs.model_faces(pipeline), args.identities, args.prompts, args.first_identity)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -121,6 +121,14 @@ def shipped(cfg: QuickstartConfig) -> tuple[Path, Path, dict]:
     return model_dir, root / assets.METRICS_DIR, record
 
 
+def load_metrics(cfg: QuickstartConfig, metrics_dir: Path, record: dict, verbose: bool = False):
+    """The metric models in `metrics_dir`, with the setup and seed its training `record` names (else cfg's)."""
+    from fusion_jax import synth_metrics
+
+    setup = seeded_metric_setup(record.get("metric_setup", cfg.metric_setup), 32, record.get("metric_seed", cfg.seed))
+    return synth_metrics.prepare_synthface_metrics(str(metrics_dir), setup=setup, verbose=verbose)
+
+
 def model_faces(pipeline) -> synthfaces.SynthFaceConfig:
     """The synthfaces world at the model's image size (UNet side x pixel fold; 32 for the miniature)."""
     return synthfaces.SynthFaceConfig(image_size=int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor)
@@ -247,8 +255,6 @@ def save_two_people_figure(path: Path, samples: list, scale: int) -> None:
 def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (from scratch) or load the shipped model, sample held-out identities with 0 / 1 / 4 references,
     score them, write OUT/grid.png, OUT/two_people.png and OUT/metrics.json. Returns the metrics dict."""
-    from fusion_jax import synth_metrics
-
     start = time.perf_counter()
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
@@ -261,8 +267,7 @@ def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dic
         log(f"shipped model {model_dir} (trained by: {record.get('command', 'see training.json')}); "
             f"--from-scratch retrains every stage")
     t = time.perf_counter()
-    setup = seeded_metric_setup(record.get("metric_setup", cfg.metric_setup), 32, record.get("metric_seed", cfg.seed))
-    metrics = synth_metrics.prepare_synthface_metrics(str(metrics_dir), setup=setup, verbose=True)
+    metrics = load_metrics(cfg, metrics_dir, record, verbose=True)
     timings["metric_models_s"] = timings.get("metric_models_s", 0.0) + time.perf_counter() - t
 
     log(f"sampling {cfg.identities} held-out identities x {cfg.prompts} prompts with 0, 1 and 4 references")

@@ -139,6 +139,10 @@ class ModelConfig:
     attention_kernel: str = "auto"
     query_chunk_size: int = 1024  # query block of the explicit 'chunked' kernel and of identity attention
     text_length: int = 77  # unet_preset with data.source synthetic: text tokens per prompt
+    # An identity export (`fusion-jax export` folder, or its identity/ subfolder) of the objective's method whose
+    # tensors initialise the method's modules: training continues from it (pair it with model.pipeline = a
+    # pipeline holding the export's UNet). Modules the export lacks (e.g. fresh LoRA adapters) keep their init.
+    identity_init: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ The recipe (as the real one fine-tunes Stable Diffusion):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -496,15 +497,57 @@ def stage_configs(out: str, base_steps: int, fusion_steps: int, batch_size: int,
     return base, fusion, model_cfg
 
 
-def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=print) -> dict[str, Any]:
-    """Pipeline folder, base training, base export, Face Fusion training (each skipped when already done)."""
+def continuation_stage(fusion, previous_model: str | os.PathLike, pipeline_dir: str | os.PathLike, out: str,
+                       name: str):
+    """The Face Fusion config `fusion` continued from an exported model (`export_quickstart_model`): its UNet
+    (LoRA merged) in a copy of `pipeline_dir` at OUT/<name>_pipeline, its identity modules as
+    `model.identity_init`, fresh LoRA adapters, optimizer and schedule (a warm restart), workdir OUT/<name>."""
+    previous = Path(previous_model)
+    pipe = Path(out) / f"{name}_pipeline"
+    marker = pipe / "continued_from.json"
+    unet_file = previous / "unet" / f"{weights.DIFFUSERS_WEIGHTS}.safetensors"
+    stamp = {"model": str(previous.resolve()), "unet_sha256": hashlib.sha256(unet_file.read_bytes()).hexdigest()}
+    if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+        tmp = pipe.with_name(pipe.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(pipeline_dir, tmp, ignore=shutil.ignore_patterns("unet"))
+        shutil.copytree(previous / "unet", tmp / "unet")
+        (tmp / "continued_from.json").write_text(json.dumps(stamp))
+        shutil.rmtree(pipe, ignore_errors=True)
+        os.rename(tmp, pipe)
+    model = dataclasses.replace(fusion.model, pipeline=str(pipe), identity_init=str(previous))
+    return dataclasses.replace(fusion, model=model, workdir=os.path.join(out, name))
+
+
+def round_name(index: int) -> str:
+    """Workdir name of Face Fusion round `index` (1-based; round 1 keeps the name 'fusion')."""
+    return "fusion" if index == 1 else f"fusion_round{index}"
+
+
+def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=print, rounds: int = 1
+                   ) -> tuple[dict[str, Any], Any]:
+    """Pipeline folder, base training, base export, Face Fusion training in `rounds` rounds of fusion.train.steps
+    (round r > 1 continues from round r-1's export), each skipped when already done: (timings, last round's
+    config)."""
+    from fusion_jax.miniature_assets import export_quickstart_model
+
+    if rounds < 1:
+        raise ValueError(f"Face Fusion rounds must be >= 1, got {rounds}")
     timings = {}
+    pipeline_dir = os.path.join(out, "pipeline")
     log("[1/5] miniature pipeline (random pixel UNet, word-level tokenizer, frozen random text encoder)")
-    write_miniature_pipeline(os.path.join(out, "pipeline"), model_cfg)
+    write_miniature_pipeline(pipeline_dir, model_cfg)
     log(f"[2/5] text-to-image base model: {base.train.steps} steps, batch {base.data.batch_size}")
     timings["base"] = train_stage(base, log)
-    export_base_pipeline(base.workdir, os.path.join(out, "pipeline"), os.path.join(out, "base_pipeline"))
-    log(f"[3/5] Face Fusion on the base model: {fusion.train.steps} steps, trainable={fusion.train.trainable}, "
-        f"{fusion.data.pipeline.num_references} references per example")
-    timings["fusion"] = train_stage(fusion, log)
-    return timings
+    export_base_pipeline(base.workdir, pipeline_dir, os.path.join(out, "base_pipeline"))
+    stage = fusion
+    for index in range(1, rounds + 1):
+        if index > 1:
+            previous = Path(out) / f"{round_name(index - 1)}_model"
+            if not (previous / "identity").is_dir() or timings[round_name(index - 1)]["trained"]:
+                export_quickstart_model(stage.workdir, pipeline_dir, previous)
+            stage = continuation_stage(fusion, previous, pipeline_dir, out, round_name(index))
+        log(f"[3/5] Face Fusion round {index}/{rounds}: {stage.train.steps} steps, trainable={stage.train.trainable}, "
+            f"{stage.data.pipeline.num_references} references per example")
+        timings[round_name(index)] = train_stage(stage, log)
+    return timings, stage

@@ -48,7 +48,10 @@ class QuickstartConfig:
     assets: str = ""  # the shipped-model folder ('' = fusion_jax/assets/miniature)
     # From scratch only (the shipped model's recipe; its training.json has the wall times):
     base_steps: int = 5000  # text-to-image steps of the base model
-    fusion_steps: int = 2400  # Face Fusion steps on top of it (800 gave SimTarget 0.25, 2400 gives 0.50)
+    fusion_steps: int = 2400  # Face Fusion steps per round (800 gave SimTarget 0.25, 2400 gives 0.50)
+    # Face Fusion rounds: round r > 1 continues from round r-1's export (its LoRA merged into the UNet, fresh
+    # adapters, optimizer and learning-rate schedule: a warm restart); the shipped model has 2
+    fusion_rounds: int = 2
     fusion_trainable: str = "identity+lora"  # identity projections + rank-4 LoRA of the UNet attention
     fusion_lr: float = 2e-3  # Face Fusion learning rate
     batch_size: int = 16  # training batch (both stages)
@@ -94,22 +97,22 @@ def quickstart_stage_configs(cfg: QuickstartConfig, out: str):
     return base, fusion, dataclasses.replace(model_cfg, seed=cfg.seed)
 
 
-def train_from_scratch(cfg: QuickstartConfig, out: str, log: Callable[[str], None]) -> tuple[Path, Path, dict]:
-    """Every stage in OUT (each resumes): (model folder, metrics folder, timings)."""
+def train_from_scratch(cfg: QuickstartConfig, out: str, log: Callable[[str], None]) -> tuple[Path, Path, dict, Any]:
+    """Every stage in OUT (each resumes): (model folder, metrics folder, timings, last Face Fusion round's config)."""
     from fusion_jax import synth_metrics
 
     base, fusion, model_cfg = quickstart_stage_configs(cfg, out)
-    timings = mm.prepare_models(out, base, fusion, model_cfg, log)
+    timings, last = mm.prepare_models(out, base, fusion, model_cfg, log, rounds=cfg.fusion_rounds)
     model_dir = Path(out) / "model"
-    if not (model_dir / "identity").is_dir() or timings["fusion"]["trained"]:
-        assets.export_quickstart_model(fusion.workdir, fusion.model.pipeline, model_dir)
+    if not (model_dir / "identity").is_dir() or timings[mm.round_name(cfg.fusion_rounds)]["trained"]:
+        assets.export_quickstart_model(last.workdir, os.path.join(out, "pipeline"), model_dir)
     log(f"[4/5] metric models (identity embedder + attribute reader, setup '{cfg.metric_setup}'; cached)")
     t = time.perf_counter()
     metrics_dir = Path(out) / "metrics"
     synth_metrics.prepare_synthface_metrics(
         str(metrics_dir), setup=seeded_metric_setup(cfg.metric_setup, base.data.synthfaces.image_size, cfg.seed))
     timings["metric_models_s"] = time.perf_counter() - t
-    return model_dir, metrics_dir, timings
+    return model_dir, metrics_dir, timings, last
 
 
 def shipped(cfg: QuickstartConfig) -> tuple[Path, Path, dict]:
@@ -259,7 +262,7 @@ def quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dic
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
     if cfg.from_scratch:
-        model_dir, metrics_dir, timings = train_from_scratch(cfg, out, log)
+        model_dir, metrics_dir, timings, _ = train_from_scratch(cfg, out, log)
         record = {"metric_setup": cfg.metric_setup, "metric_seed": cfg.seed}
     else:
         model_dir, metrics_dir, record = shipped(cfg)

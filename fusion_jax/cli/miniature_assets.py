@@ -8,9 +8,18 @@ Stages (each resumes from OUT, so an interrupted run continues and a finished st
   configs/synthfaces/text_to_image.yaml), 3. Face Fusion on top of it (OUT/fusion, face_fusion.yaml with the
   quickstart's trainable set and lr), 4. the export (OUT/model: UNet with LoRA merged + identity/ + the pipeline's
   text encoder, tokenizer, schedule), 5. the metric models (OUT/metrics, the default setup).
+Face Fusion trains in --fusion-rounds rounds (default 2): round r > 1 continues from round r-1's export (LoRA
+merged into the UNet, fresh adapters, optimizer and schedule).
 With --assets, OUT/model and OUT/metrics are copied to ASSETS/{model,metrics} and ASSETS/training.json records
 this command, each stage's wall time (a stage trained by an earlier run of the same OUT reports the step times
 its metrics.jsonl logged), the machine and the resolved settings. The copy must stay under --max-mb (20 MB).
+
+    fusion-jax miniature-assets --out runs/next --continue-from fusion_jax/assets/miniature --assets ...
+
+trains one more Face Fusion round on an exported model (ASSETS/model of an earlier run, whose training.json
+counts its rounds) instead of every stage: the same code path as round r > 1 from scratch. Its metric models
+are kept, and its training.json is kept inside the new one (`continued_from`), so the record still names every
+command that made the model.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 
 def logged_train_seconds(workdir: str) -> Optional[float]:
     """Training time of a run from its metrics.jsonl: the mean logged `step_time_s` x the last step (finished
@@ -40,27 +51,95 @@ def logged_train_seconds(workdir: str) -> Optional[float]:
     return float(sum(times) / len(times) * max(r["step"] for r in rows))
 
 
+def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Path, dict, dict, object]:
+    """One more Face Fusion round on the exported model in PREVIOUS_ASSETS/model: (model folder, metrics folder,
+    timings, the previous training record, the round's config). The export is copied into OUT first (the
+    assets folder may be the target and is replaced at the end)."""
+    from fusion_jax import miniature as mm
+    from fusion_jax import miniature_assets as assets
+    from fusion_jax import weights
+    from fusion_jax.quickstart import quickstart_stage_configs
+
+    record_file = previous_assets / assets.RECORD_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"--continue-from {previous_assets}: no {assets.RECORD_FILE} (the record of the "
+                                "command that made the model; continuing needs it)")
+    previous = json.loads(record_file.read_text())
+    done = int(previous.get("quickstart", {}).get("fusion_rounds", 1))  # records before rounds existed: 1
+    if cfg.fusion_rounds != done + 1:
+        raise ValueError(f"--continue-from {previous_assets} holds {done} Face Fusion round(s); --fusion-rounds "
+                         f"must be {done + 1}, got {cfg.fusion_rounds}")
+    base, fusion, model_cfg = quickstart_stage_configs(cfg, out)
+    pipeline_dir = os.path.join(out, "pipeline")
+    mm.write_miniature_pipeline(pipeline_dir, model_cfg)
+    source = assets.shipped_model_dir(previous_assets)
+    mine = weights.read_tensors(Path(pipeline_dir) / "text_encoder" / "model.safetensors")
+    theirs = weights.read_tensors(source / "text_encoder" / "model.safetensors")
+    if mine.keys() != theirs.keys() or any(not np.array_equal(mine[k], theirs[k]) for k in mine):
+        raise ValueError(f"{source}/text_encoder differs from the miniature pipeline this code writes for seed "
+                         f"{cfg.seed}: the export was made with another pipeline (or --seed)")
+    copied = Path(out) / f"{mm.round_name(done)}_model"
+    if not (copied / "identity").is_dir():
+        shutil.copytree(source, copied.with_name(copied.name + ".tmp"), dirs_exist_ok=True)
+        os.rename(copied.with_name(copied.name + ".tmp"), copied)
+    metrics_dir = Path(out) / "metrics"
+    if not metrics_dir.is_dir():
+        shutil.copytree(previous_assets / assets.METRICS_DIR, metrics_dir)
+    stage = mm.continuation_stage(fusion, copied, pipeline_dir, out, mm.round_name(done + 1))
+    log(f"Face Fusion round {done + 1} on {source}: {stage.train.steps} steps, trainable={stage.train.trainable}")
+    timings = {mm.round_name(done + 1): mm.train_stage(stage, log)}
+    model_dir = Path(out) / "model"
+    if not (model_dir / "identity").is_dir() or timings[mm.round_name(done + 1)]["trained"]:
+        assets.export_quickstart_model(stage.workdir, pipeline_dir, model_dir)
+    return model_dir, metrics_dir, timings, previous, stage
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (resumable)")
     parser.add_argument("--assets", default=None, help="also copy the model + metric models here with training.json")
     parser.add_argument("--base-steps", type=int, default=None, help="base steps (default QuickstartConfig: 5000)")
-    parser.add_argument("--fusion-steps", type=int, default=None, help="Face Fusion steps (default QuickstartConfig: 2400)")
+    parser.add_argument("--fusion-steps", type=int, default=None,
+                        help="Face Fusion steps per round (default QuickstartConfig: 2400)")
+    parser.add_argument("--fusion-rounds", type=int, default=None,
+                        help="Face Fusion rounds (default QuickstartConfig: 2); with --continue-from, the total "
+                             "after this round (default: the previous model's + 1)")
+    parser.add_argument("--continue-from", default=None,
+                        help="an assets folder (model/ + training.json): train only one more Face Fusion round on it")
     parser.add_argument("--seed", type=int, default=0, help="seeds every stage (weights, data order, metric models)")
     parser.add_argument("--max-mb", type=float, default=20.0, help="refuse to write assets larger than this")
     args = parser.parse_args(argv)
 
+    from fusion_jax import miniature as mm
     from fusion_jax import miniature_assets as assets
     from fusion_jax.cli.miniature_base import _commit, _machine
     from fusion_jax.config import to_dict
     from fusion_jax.quickstart import QuickstartConfig, quickstart_stage_configs, train_from_scratch
 
-    kw = {k: v for k, v in (("base_steps", args.base_steps), ("fusion_steps", args.fusion_steps)) if v is not None}
+    kw = {k: v for k, v in (("base_steps", args.base_steps), ("fusion_steps", args.fusion_steps),
+                            ("fusion_rounds", args.fusion_rounds)) if v is not None}
+    previous_assets = Path(args.continue_from).resolve() if args.continue_from else None
+    if previous_assets is not None and "fusion_rounds" not in kw:
+        record_file = previous_assets / assets.RECORD_FILE
+        done = json.loads(record_file.read_text()).get("quickstart", {}).get("fusion_rounds", 1) \
+            if record_file.is_file() else 1
+        kw["fusion_rounds"] = int(done) + 1
     cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, **kw)
     out = os.path.abspath(args.out)
     start = time.perf_counter()
-    model_dir, metrics_dir, timings = train_from_scratch(cfg, out, print)
+    previous = None
+    if previous_assets is not None:
+        try:
+            model_dir, metrics_dir, timings, previous, last = continue_round(cfg, out, previous_assets, print)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        workdirs = {mm.round_name(cfg.fusion_rounds): last.workdir}
+    else:
+        model_dir, metrics_dir, timings, last = train_from_scratch(cfg, out, print)
+        workdirs = {"base": quickstart_stage_configs(cfg, out)[0].workdir,
+                    **{mm.round_name(r): os.path.join(out, mm.round_name(r)) for r in range(1, cfg.fusion_rounds + 1)}}
     wall = time.perf_counter() - start
     print(f"model {model_dir}, metric models {metrics_dir} ({wall:.0f}s)")
     if not args.assets:
@@ -74,11 +153,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     for name, source in ((assets.MODEL_DIR, model_dir), (assets.METRICS_DIR, metrics_dir)):
         shutil.rmtree(target / name, ignore_errors=True)
         shutil.copytree(source, target / name)
-    base, fusion, model_cfg = quickstart_stage_configs(cfg, out)
-    stages = {}
-    for name, workdir in (("base", base.workdir), ("fusion", fusion.workdir)):
-        t = timings.get(name, {})
-        stages[name] = {**t, "logged_train_s": logged_train_seconds(workdir), "workdir": workdir}
+    stages = {name: {**timings.get(name, {}), "logged_train_s": logged_train_seconds(workdir), "workdir": workdir}
+              for name, workdir in workdirs.items()}
+    base, _, model_cfg = quickstart_stage_configs(cfg, out)
     record = {
         "command": (prog or "python train/miniature_assets.py") + " " + " ".join(shlex.quote(a) for a in argv),
         "wall_s_this_command": round(wall, 1), "stages": stages,
@@ -87,8 +164,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         "git_commit": _commit(), "machine": _machine(),
         "model": dataclasses.asdict(model_cfg),
         "quickstart": dataclasses.asdict(cfg),
-        "base_config": to_dict(base), "fusion_config": to_dict(fusion),
+        "fusion_config": to_dict(last),
     }
+    if previous is not None:
+        record["continued_from"] = previous  # the record of the model this round started from (its commands)
+    else:
+        record["base_config"] = to_dict(base)
     with open(target / assets.RECORD_FILE, "w") as f:
         json.dump(record, f, indent=2, default=str)
     print(f"wrote {target} ({size:.1f} MB) and {target / assets.RECORD_FILE}")

@@ -1,7 +1,7 @@
 """Quickstart: the miniature Face Fusion model on synthetic faces, sampled and measured, on a CPU, no download.
 
     fusion-jax quickstart --out out/quickstart                 # the shipped model: a few minutes on 2 CPU cores
-    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage first (about 80 minutes)
+    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage first (about 3 hours)
     fusion-jax quickstart --out /tmp/q --fast                  # seconds: tiny stages from scratch (smoke test)
 
 (`python infer/quickstart.py ...` in a source checkout is the same program.)
@@ -28,7 +28,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                              "sampling the shipped model")
     parser.add_argument("--assets", default=None, help="folder of a shipped model (default fusion_jax/assets/miniature)")
     parser.add_argument("--steps", type=int, default=None, help="from scratch: base-model steps (default 5000)")
-    parser.add_argument("--fusion-steps", type=int, default=None, help="from scratch: Face Fusion steps (default 2400)")
+    parser.add_argument("--fusion-steps", type=int, default=None,
+                        help="from scratch: Face Fusion steps per round (default 2400)")
+    parser.add_argument("--fusion-rounds", type=int, default=None,
+                        help="from scratch: Face Fusion rounds, each continuing from the previous one's export "
+                             "(default 2)")
     parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 32)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
@@ -39,8 +43,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--seed", type=int, default=None,
                         help="seeds every stage: sampling, and with --from-scratch weights, data order, metric models")
     parser.add_argument("--fast", action="store_true",
-                        help="tiny everything from scratch (tests): 4+4 steps, a 2-level 8/16-channel UNet, 2 "
-                             "identities, fast metric models")
+                        help="tiny everything from scratch (tests): 4 base steps, 2 Face Fusion rounds of 4, a "
+                             "2-level 8/16-channel UNet, 2 identities, fast metric models")
     args = parser.parse_args(argv)
 
     from fusion_jax.quickstart import QuickstartConfig, quickstart
@@ -57,17 +61,20 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         kw["base_steps"] = args.steps
     if args.fusion_steps is not None:
         kw["fusion_steps"] = args.fusion_steps
+    if args.fusion_rounds is not None:
+        kw["fusion_rounds"] = args.fusion_rounds
     for name in ("identities", "prompts", "sample_steps", "seed", "guidance", "reference_scale"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
-    for name in ("base_steps", "fusion_steps", "identities", "prompts", "sample_steps"):
+    for name in ("base_steps", "fusion_steps", "fusion_rounds", "identities", "prompts", "sample_steps"):
         if name in kw and kw[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
     if kw.get("guidance", 1.0) < 1.0:
         parser.error(f"--guidance must be >= 1 (1 = no guidance), got {kw['guidance']}")
     if kw.get("reference_scale", 0.0) < 0.0:
         parser.error(f"--reference-scale must be >= 0, got {kw['reference_scale']}")
-    if not kw.get("from_scratch") and (args.steps is not None or args.fusion_steps is not None):
-        parser.error("--steps / --fusion-steps train a model: add --from-scratch (the default samples the shipped one)")
+    if not kw.get("from_scratch") and any(v is not None for v in (args.steps, args.fusion_steps, args.fusion_rounds)):
+        parser.error("--steps / --fusion-steps / --fusion-rounds train a model: add --from-scratch (the default "
+                     "samples the shipped one)")
     quickstart(QuickstartConfig(out=args.out, **kw))
     return 0

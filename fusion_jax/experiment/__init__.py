@@ -42,7 +42,9 @@ from fusion_jax.experiment.models import (
     TEXT_TO_IMAGE,
     UNET_PRESETS,
     TrainModel,
+    assign_identity_init,
     check_trainable,
+    identity_init_arrays,
     identity_method,
     load_pipeline,
     pipeline_path,
@@ -96,6 +98,14 @@ def check_config(config: ExperimentConfig) -> None:
         raise ConfigError(f"data.pipeline.num_references=0: objective.name={o.name!r} needs reference photos (>= 1)")
     check_trainable(config)
     check_batch_source(config, method)
+    if m.identity_init:
+        if method is None:
+            raise ConfigError(f"model.identity_init={m.identity_init!r}: objective.name={o.name!r} attaches no "
+                              "identity modules to initialise")
+        if m.unet_preset is not None:
+            raise ConfigError("model.identity_init needs model.pipeline (the export's base UNet), not unet_preset")
+        if not os.path.exists(m.identity_init):
+            raise ConfigError(f"model.identity_init={m.identity_init!r}: no such folder")
     if config.mesh and (d.pipeline.resolution <= 0 or d.pipeline.reference_size <= 0):
         raise ConfigError("data.pipeline.resolution / reference_size must be positive")
 
@@ -159,6 +169,13 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     # captured by this closure: at Stable Diffusion size those would be gigabytes baked into the program.
     pretrained = None if loaded is None else {
         name: getattr(loaded, name)[1] for name in ("unet", "vae", "text_encoder") if getattr(loaded, name)}
+    # model.identity_init: the export's modules travel the same way, keyed by their param path in the identity
+    # model (strings: pytree keys must sort), placed after the method attaches its modules.
+    identity_paths: dict[str, tuple] = {}
+    if m.identity_init:
+        arrays = identity_init_arrays(config, method, nnx.merge(*loaded.unet))
+        identity_paths = {"/".join(map(str, p)): p for p in arrays}
+        pretrained["identity"] = {key: arrays[p] for key, p in identity_paths.items()}
 
     def model_factory(rngs: nnx.Rngs, weights_in: Any = None) -> TrainModel:
         if loaded is None:
@@ -171,7 +188,11 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
                 return nnx.merge(getattr(loaded, name)[0], states[name]) if name in states else None
 
             unet, vae, text_encoder = merged("unet"), merged("vae"), merged("text_encoder")
-        return TrainModel(prepare_unet(unet, config, rngs), vae, text_encoder)
+        model = TrainModel(prepare_unet(unet, config, rngs), vae, text_encoder)
+        if identity_paths:
+            assign_identity_init(model.unet, {p: states["identity"][key] for key, p in identity_paths.items()},
+                                 m.identity_init)
+        return model
 
     loss_fn = make_loss(config, schedule=schedule, empty_ids=empty_ids, empty_text_emb=empty_text,
                         latent_scale=latent_scale, pixel_fold=pixel_fold)

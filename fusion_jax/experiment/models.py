@@ -12,6 +12,7 @@ resume need nothing but the workdir), at that cost. Use `model.latents: preencod
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
@@ -165,3 +166,49 @@ def trainable_selector(config: ExperimentConfig) -> Callable[[Any, Any], bool]:
         return len(path) > 1 and path[0] == "unet" and bool(inner(path[1:], value))
 
     return selected
+
+
+def identity_init_arrays(config: ExperimentConfig, method: identity_base.IdentityMethod, base_unet: nnx.Module
+                         ) -> dict[tuple, np.ndarray]:
+    """`model.identity_init`: the export's trained modules as {param path in the identity model: host array}.
+
+    The method's own loader (`load_tensors`, which knows its file's names) attaches and fills them on
+    `base_unet` (a host copy of the base UNet, consumed); the params it added are the ones returned. The train
+    model's factory places them after `prepare_unet` (`weights.assign_params`), inside the init jit.
+    """
+    from fusion_jax import weights
+    from fusion_jax.identity import export as identity_export
+
+    path = config.model.identity_init
+    try:
+        meta = identity_export.read_identity_config(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.identity_init={path!r}: {err}") from None
+    if meta["method"] != method.name:
+        raise ConfigError(f"model.identity_init={path!r} is an export of identity method {meta['method']!r}, but "
+                          f"objective.name={config.objective.name!r} trains {method.name!r}")
+    cfg = identity_export.config_from_dict(method, meta["config"])
+    file = os.path.join(meta["folder"], meta["weights"])
+    base_ids = {id(var) for _, var in nnx.to_flat_state(nnx.state(base_unet, nnx.Param))}
+    loaded = method.load_tensors(base_unet, cfg, weights.read_tensors(file), file)
+    return {tuple(p): np.asarray(var.get_value()) for p, var in nnx.to_flat_state(nnx.state(loaded, nnx.Param))
+            if id(var) not in base_ids}
+
+
+def assign_identity_init(model: nnx.Module, arrays: dict[tuple, Any], source: str) -> None:
+    """Places `identity_init_arrays` output in the identity model `model` (in place), checking every path and
+    shape: the run's method config must build the same modules as the export's (ConfigError naming `source`)."""
+    ours = {tuple(p): var for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    missing = [p for p in arrays if p not in ours]
+    wrong = [f"{'/'.join(map(str, p))}: export {np.shape(a)} vs model {tuple(ours[p].get_value().shape)}"
+             for p, a in arrays.items() if p in ours and tuple(np.shape(a)) != tuple(ours[p].get_value().shape)]
+    if missing or wrong:
+        shown = ["/".join(map(str, p)) for p in missing[:5]] + wrong[:5]
+        raise ConfigError(f"model.identity_init={source!r}: the export's modules do not match the ones this run's "
+                          f"config attaches ({len(missing)} not in the model, {len(wrong)} of another shape: "
+                          f"{shown})")
+    for p, array in arrays.items():
+        dtype = ours[p].get_value().dtype
+        # the trainer first builds the model from ShapeDtypeStructs (its abstract state), then under the init jit
+        ours[p].set_value(jax.ShapeDtypeStruct(array.shape, dtype) if isinstance(array, jax.ShapeDtypeStruct)
+                          else jnp.asarray(array, dtype=dtype))

@@ -497,11 +497,16 @@ def stage_configs(out: str, base_steps: int, fusion_steps: int, batch_size: int,
     return base, fusion, model_cfg
 
 
+ROUND_SEED_STRIDE = 1000  # round r trains with train.seed / data.seed + 1000 (r - 1): new data order and noise
+
+
 def continuation_stage(fusion, previous_model: str | os.PathLike, pipeline_dir: str | os.PathLike, out: str,
-                       name: str):
-    """The Face Fusion config `fusion` continued from an exported model (`export_quickstart_model`): its UNet
-    (LoRA merged) in a copy of `pipeline_dir` at OUT/<name>_pipeline, its identity modules as
-    `model.identity_init`, fresh LoRA adapters, optimizer and schedule (a warm restart), workdir OUT/<name>."""
+                       index: int):
+    """Face Fusion round `index` (> 1) of config `fusion`, continued from an exported model
+    (`export_quickstart_model`): its UNet (LoRA merged) in a copy of `pipeline_dir` at OUT/<round>_pipeline, its
+    identity modules as `model.identity_init`, fresh LoRA adapters, optimizer and schedule (a warm restart), the
+    seeds moved on (`ROUND_SEED_STRIDE`), workdir OUT/<round>."""
+    name = round_name(index)
     previous = Path(previous_model)
     pipe = Path(out) / f"{name}_pipeline"
     marker = pipe / "continued_from.json"
@@ -516,7 +521,10 @@ def continuation_stage(fusion, previous_model: str | os.PathLike, pipeline_dir: 
         shutil.rmtree(pipe, ignore_errors=True)
         os.rename(tmp, pipe)
     model = dataclasses.replace(fusion.model, pipeline=str(pipe), identity_init=str(previous))
-    return dataclasses.replace(fusion, model=model, workdir=os.path.join(out, name))
+    shift = ROUND_SEED_STRIDE * (index - 1)
+    return dataclasses.replace(fusion, model=model, workdir=os.path.join(out, name),
+                               train=dataclasses.replace(fusion.train, seed=fusion.train.seed + shift),
+                               data=dataclasses.replace(fusion.data, seed=fusion.data.seed + shift))
 
 
 def round_name(index: int) -> str:
@@ -546,7 +554,7 @@ def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=
             previous = Path(out) / f"{round_name(index - 1)}_model"
             if not (previous / "identity").is_dir() or timings[round_name(index - 1)]["trained"]:
                 export_quickstart_model(stage.workdir, pipeline_dir, previous)
-            stage = continuation_stage(fusion, previous, pipeline_dir, out, round_name(index))
+            stage = continuation_stage(fusion, previous, pipeline_dir, out, index)
         log(f"[3/5] Face Fusion round {index}/{rounds}: {stage.train.steps} steps, trainable={stage.train.trainable}, "
             f"{stage.data.pipeline.num_references} references per example")
         timings[round_name(index)] = train_stage(stage, log)

@@ -66,16 +66,19 @@ def test_quickstart_fast_runs_resumes_and_the_shipped_path_gives_the_same_sample
     assert Image.open(out / "two_people.png").width > 64 * 2 + 32 * 2 * 2
     metrics = json.loads((out / "metrics.json").read_text())
     _check_metrics(metrics)
-    assert metrics["timings"]["base"]["trained"] and metrics["timings"]["fusion"]["trained"]
+    stages = ("base", "fusion", "fusion_round2")  # --fast: 2 Face Fusion rounds, the second on the first's export
+    assert all(metrics["timings"][name]["trained"] for name in stages)
     assert (out / "model" / "identity" / "identity_config.json").is_file()
+    _check_round_two(out)
 
-    ckpt_mtime = os.path.getmtime(out / "fusion" / "checkpoints" / "4")
+    checkpoints = [out / name / "checkpoints" / "4" for name in ("fusion", "fusion_round2")]
+    ckpt_mtimes = [os.path.getmtime(c) for c in checkpoints]
     start = time.perf_counter()
     assert main(["--out", str(out), "--fast"]) == 0
     second_s = time.perf_counter() - start
     again = json.loads((out / "metrics.json").read_text())
-    assert not again["timings"]["base"]["trained"] and not again["timings"]["fusion"]["trained"]
-    assert os.path.getmtime(out / "fusion" / "checkpoints" / "4") == ckpt_mtime  # checkpoint not rewritten
+    assert not any(again["timings"][name]["trained"] for name in stages)
+    assert [os.path.getmtime(c) for c in checkpoints] == ckpt_mtimes  # checkpoints not rewritten
     for key in REQUIRED:  # same checkpoints, same noise: the same samples and metrics
         assert abs(again[key] - metrics[key]) < 1e-4, key
     assert second_s < first_s
@@ -95,11 +98,30 @@ def test_quickstart_fast_runs_resumes_and_the_shipped_path_gives_the_same_sample
         assert abs(shipped[key] - metrics[key]) < 1e-4, key
 
 
+def _check_round_two(out):
+    """Round 2 started from round 1's export (its UNet is round 2's base, LoRA merged) and trained on from there:
+    the exported round-2 identity tensors moved away from round 1's, and its UNet from round 1's merged UNet."""
+    from fusion_jax import weights
+
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    round1 = weights.read_tensors(out / "fusion_model" / unet_file)
+    assert all(np.array_equal(v, weights.read_tensors(out / "fusion_round2_pipeline" / unet_file)[k])
+               for k, v in round1.items())
+    final = weights.read_tensors(out / "model" / unet_file)
+    assert any(not np.array_equal(final[k], v) for k, v in round1.items())  # round 2's LoRA, merged on export
+    ids = [weights.read_tensors(out / folder / "identity" / "face_fusion.safetensors")
+           for folder in ("fusion_model", "model")]
+    assert ids[0].keys() == ids[1].keys() and any(not np.array_equal(ids[0][k], ids[1][k]) for k in ids[0])
+
+
 def test_quickstart_flags_are_checked(tmp_path, capsys):
     main = _main()
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--steps", "10"])  # training steps without --from-scratch
     assert "--from-scratch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--from-scratch", "--fusion-rounds", "0"])
+    assert "--fusion-rounds must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--guidance", "0.5"])
     assert "--guidance must be >= 1" in capsys.readouterr().err
@@ -117,8 +139,12 @@ def test_shipped_assets_are_complete_small_and_recorded():
     model_dir = assets.shipped_model_dir()  # raises, naming what is missing, if the assets are incomplete
     assert assets.folder_megabytes(assets.ASSET_DIR) < 20.0
     record = json.loads((assets.ASSET_DIR / assets.RECORD_FILE).read_text())
-    assert "miniature-assets" in record["command"] or "miniature_assets" in record["command"]
-    assert record["stages"]["base"]["step"] >= 1 and record["stages"]["fusion"]["step"] >= 1
+    stages = {}
+    while record:  # a model continued from an earlier one keeps that one's record (and so every command)
+        assert "miniature-assets" in record["command"] or "miniature_assets" in record["command"]
+        stages.update(record["stages"])
+        record = record.get("continued_from")
+    assert stages["base"]["step"] >= 1 and stages["fusion"]["step"] >= 1
     for name in ("identity_embedder.safetensors", "attribute_reader.safetensors", "synthface_metrics.json"):
         assert (assets.ASSET_DIR / assets.METRICS_DIR / name).is_file()
     pipeline, identity_cfg = assets.load_quickstart_model(model_dir)
@@ -175,3 +201,42 @@ def test_reduced_evaluation_reuses_the_quickstart_stages(fast_run, tmp_path):
     assert markdown in results.read_text() and results.read_text().startswith("# Results\n")
     for name in sr.PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _assets_main():
+    spec = importlib.util.spec_from_file_location("assets_cli", os.path.join(ROOT, "train", "miniature_assets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_miniature_assets_continues_a_shipped_model(fast_run, tmp_path, capsys):
+    """`miniature-assets --continue-from ASSETS`: one more Face Fusion round on an assets folder (here the --fast
+    run's, claiming 2 rounds), written as new assets whose record keeps the previous one; errors name the cause."""
+    from fusion_jax import weights
+
+    out, _ = fast_run
+    previous = tmp_path / "previous"
+    shutil.copytree(out / "model", previous / "model")
+    shutil.copytree(out / "metrics", previous / "metrics")
+    record = {"command": "python train/miniature_assets.py --out X", "stages": {"fusion_round2": {"step": 4}},
+              "quickstart": {"fusion_rounds": 2}}
+    (previous / "training.json").write_text(json.dumps(record))
+    main = _assets_main()
+    assert main(["--out", str(tmp_path / "run"), "--continue-from", str(previous), "--fusion-rounds", "2"]) == 1
+    assert "holds 2 Face Fusion round(s); --fusion-rounds must be 3" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "run"), "--continue-from", str(tmp_path), "--fusion-steps", "2"]) == 1
+    assert "no training.json" in capsys.readouterr().err
+
+    target = tmp_path / "next"
+    assert main(["--out", str(tmp_path / "run"), "--continue-from", str(previous), "--fusion-steps", "2",
+                 "--assets", str(target)]) == 0
+    written = json.loads((target / "training.json").read_text())
+    assert written["quickstart"]["fusion_rounds"] == 3 and written["continued_from"] == record
+    assert written["stages"]["fusion_round3"]["step"] == 2 and written["stages"]["fusion_round3"]["trained"]
+    assert written["fusion_config"]["model"]["identity_init"].endswith("fusion_round2_model")
+    for name in ("identity_embedder.safetensors", "attribute_reader.safetensors"):  # metric models kept as they were
+        assert (target / "metrics" / name).read_bytes() == (previous / "metrics" / name).read_bytes()
+    before = weights.read_tensors(previous / "model" / "identity" / "face_fusion.safetensors")
+    after = weights.read_tensors(target / "model" / "identity" / "face_fusion.safetensors")
+    assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)

@@ -85,7 +85,7 @@ def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Pat
     metrics_dir = Path(out) / "metrics"
     if not metrics_dir.is_dir():
         shutil.copytree(previous_assets / assets.METRICS_DIR, metrics_dir)
-    stage = mm.continuation_stage(fusion, copied, pipeline_dir, out, mm.round_name(done + 1))
+    stage = mm.continuation_stage(fusion, copied, pipeline_dir, out, done + 1)
     log(f"Face Fusion round {done + 1} on {source}: {stage.train.steps} steps, trainable={stage.train.trainable}")
     timings = {mm.round_name(done + 1): mm.train_stage(stage, log)}
     model_dir = Path(out) / "model"

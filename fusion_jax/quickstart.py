@@ -63,9 +63,10 @@ class QuickstartConfig:
     grid_rows: int = 8  # (identity, prompt) rows shown in grid.png
     grid_scale: int = 4  # upscale factor of every grid cell (32 px -> 128 px)
     sample_steps: int = 20  # DDIM steps
-    guidance: float = 4.5  # text guidance scale (3.0 before: prompt accuracy 0.83, see benchmarks/RESULTS.md)
-    # disentangled reference guidance scale s_ref, picked on validation identities the quickstart never reports
-    # (held-out positions 100-131, `benchmarks/quickstart_sweep.py`; 2.5 before, 2.0 in round 3)
+    # text guidance scale and disentangled reference guidance scale s_ref, both picked on validation identities
+    # the quickstart never reports (held-out positions 100-131, `benchmarks/quickstart_sweep.py`, RESULTS.md);
+    # (4.5 / 3.0 for the one-round model; with round 2, text guidance 4.5 cost up to 3.7 points of prompt accuracy)
+    guidance: float = 5.5
     reference_scale: float = 3.0
     two_people: int = 4  # two-person images (pairs of held-out identities); 0 = no figure
     seed: int = 0  # seeds every stage: sampling noise, and with from_scratch the weights, data order and metrics

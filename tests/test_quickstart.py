@@ -235,6 +235,8 @@ def test_miniature_assets_continues_a_shipped_model(fast_run, tmp_path, capsys):
     assert written["quickstart"]["fusion_rounds"] == 3 and written["continued_from"] == record
     assert written["stages"]["fusion_round3"]["step"] == 2 and written["stages"]["fusion_round3"]["trained"]
     assert written["fusion_config"]["model"]["identity_init"].endswith("fusion_round2_model")
+    # round 3 draws its own data order and noise: the seeds moved on by 1000 per round
+    assert written["fusion_config"]["train"]["seed"] == written["fusion_config"]["data"]["seed"] == 2000
     for name in ("identity_embedder.safetensors", "attribute_reader.safetensors"):  # metric models kept as they were
         assert (target / "metrics" / name).read_bytes() == (previous / "metrics" / name).read_bytes()
     before = weights.read_tensors(previous / "model" / "identity" / "face_fusion.safetensors")

@@ -27,6 +27,10 @@ import time
 from typing import Optional, Sequence
 
 
+# Environment variables that change a run's speed (or devices), recorded beside its wall time.
+RECORDED_ENV = ("GLIBC_TUNABLES", "XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")
+
+
 def _machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -38,7 +42,8 @@ def _machine() -> dict:
     import jax
 
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
-            "load_average_at_end": os.getloadavg(), "python": platform.python_version(), "jax": jax.__version__}
+            "load_average_at_end": os.getloadavg(), "python": platform.python_version(), "jax": jax.__version__,
+            "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}}
 
 
 def _commit() -> str:

@@ -1,7 +1,7 @@
 """Quickstart: the miniature Face Fusion model on synthetic faces, sampled and measured, on a CPU, no download.
 
     fusion-jax quickstart --out out/quickstart                 # the shipped model: a few minutes on 2 CPU cores
-    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage first (about 3 hours)
+    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage (2.5 h at the stage times training.json records)
     fusion-jax quickstart --out /tmp/q --fast                  # seconds: tiny stages from scratch (smoke test)
 
 (`python infer/quickstart.py ...` in a source checkout is the same program.)
@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 32)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
-    parser.add_argument("--guidance", type=float, default=None, help="text guidance scale (default 4.5)")
+    parser.add_argument("--guidance", type=float, default=None, help="text guidance scale (default 5.5)")
     parser.add_argument("--reference-scale", type=float, default=None,
                         help="reference guidance scale s_ref of the disentangled guidance (default 3.0; 0 = the "
                              "references have no effect)")

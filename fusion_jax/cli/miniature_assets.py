@@ -51,6 +51,18 @@ def logged_train_seconds(workdir: str) -> Optional[float]:
     return float(sum(times) / len(times) * max(r["step"] for r in rows))
 
 
+def recorded_rounds(assets_dir: Path) -> tuple[dict, int]:
+    """(training record, Face Fusion rounds it made) of an assets folder; records from before rounds: 1 round."""
+    from fusion_jax import miniature_assets as assets
+
+    record_file = assets_dir / assets.RECORD_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"--continue-from {assets_dir}: no {assets.RECORD_FILE} (the record of the "
+                                "command that made the model; continuing needs it)")
+    record = json.loads(record_file.read_text())
+    return record, int(record.get("quickstart", {}).get("fusion_rounds", 1))
+
+
 def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Path, dict, dict, object]:
     """One more Face Fusion round on the exported model in PREVIOUS_ASSETS/model: (model folder, metrics folder,
     timings, the previous training record, the round's config). The export is copied into OUT first (the
@@ -60,12 +72,7 @@ def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Pat
     from fusion_jax import weights
     from fusion_jax.quickstart import quickstart_stage_configs
 
-    record_file = previous_assets / assets.RECORD_FILE
-    if not record_file.is_file():
-        raise FileNotFoundError(f"--continue-from {previous_assets}: no {assets.RECORD_FILE} (the record of the "
-                                "command that made the model; continuing needs it)")
-    previous = json.loads(record_file.read_text())
-    done = int(previous.get("quickstart", {}).get("fusion_rounds", 1))  # records before rounds existed: 1
+    previous, done = recorded_rounds(previous_assets)
     if cfg.fusion_rounds != done + 1:
         raise ValueError(f"--continue-from {previous_assets} holds {done} Face Fusion round(s); --fusion-rounds "
                          f"must be {done + 1}, got {cfg.fusion_rounds}")
@@ -119,24 +126,21 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
     kw = {k: v for k, v in (("base_steps", args.base_steps), ("fusion_steps", args.fusion_steps),
                             ("fusion_rounds", args.fusion_rounds)) if v is not None}
-    previous_assets = Path(args.continue_from).resolve() if args.continue_from else None
-    if previous_assets is not None and "fusion_rounds" not in kw:
-        record_file = previous_assets / assets.RECORD_FILE
-        done = json.loads(record_file.read_text()).get("quickstart", {}).get("fusion_rounds", 1) \
-            if record_file.is_file() else 1
-        kw["fusion_rounds"] = int(done) + 1
-    cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, **kw)
     out = os.path.abspath(args.out)
     start = time.perf_counter()
     previous = None
-    if previous_assets is not None:
+    if args.continue_from:
+        previous_assets = Path(args.continue_from).resolve()
         try:
+            kw.setdefault("fusion_rounds", recorded_rounds(previous_assets)[1] + 1)
+            cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, **kw)
             model_dir, metrics_dir, timings, previous, last = continue_round(cfg, out, previous_assets, print)
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         workdirs = {mm.round_name(cfg.fusion_rounds): last.workdir}
     else:
+        cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, **kw)
         model_dir, metrics_dir, timings, last = train_from_scratch(cfg, out, print)
         workdirs = {"base": quickstart_stage_configs(cfg, out)[0].workdir,
                     **{mm.round_name(r): os.path.join(out, mm.round_name(r)) for r in range(1, cfg.fusion_rounds + 1)}}

@@ -174,7 +174,7 @@ def identity_init_arrays(config: ExperimentConfig, method: identity_base.Identit
 
     The method's own loader (`load_tensors`, which knows its file's names) attaches and fills them on
     `base_unet` (a host copy of the base UNet, consumed); the params it added are the ones returned. The train
-    model's factory places them after `prepare_unet` (`weights.assign_params`), inside the init jit.
+    model's factory places them after `prepare_unet` (`assign_identity_init`), inside the init jit.
     """
     from fusion_jax import weights
     from fusion_jax.identity import export as identity_export

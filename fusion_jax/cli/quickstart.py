@@ -1,7 +1,7 @@
 """Quickstart: the miniature Face Fusion model on synthetic faces, sampled and measured, on a CPU, no download.
 
     fusion-jax quickstart --out out/quickstart                 # the shipped model: a few minutes on 2 CPU cores
-    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage (2.5 h at the stage times training.json records)
+    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage (about 70 min on 2 cores)
     fusion-jax quickstart --out /tmp/q --fast                  # seconds: tiny stages from scratch (smoke test)
 
 (`python infer/quickstart.py ...` in a source checkout is the same program.)

@@ -114,9 +114,9 @@ def stage_configs(cfg: EvaluationConfig, out: str, steps: int, extra_fusion: Seq
 
 
 def variant_config(cfg: EvaluationConfig, out: str, name: str, steps: int):
-    """The training config of variant `name` with `steps` steps (its own workdir; decoupled_fixed shares a
-    quickstart folder's 'fusion')."""
-    workdir = "fusion" if name == REFERENCE_VARIANT else f"fusion_{name}"
+    """The training config of variant `name` with `steps` steps, in its own workdir OUT/fusion_<name> (never a
+    quickstart folder's 'fusion': that run has the quickstart's length and rounds, not this budget)."""
+    workdir = f"fusion_{name}"
     _, probe, _ = stage_configs(cfg, out, steps)
     size = probe.data.pipeline.reference_size
     overrides = [o.format(reference_size=size) for o in VARIANTS[name].overrides]
@@ -124,8 +124,10 @@ def variant_config(cfg: EvaluationConfig, out: str, name: str, steps: int):
     return fusion
 
 
-# Settings a finished run may differ in and still be reused: its length, where it lives, logging and saving.
-_REUSABLE_DIFFERENCES = {"workdir", "train.steps", "train.warmup_steps"}
+# Settings a saved run may differ in and still be reused: where it lives, logging and saving. Not its length:
+# the learning-rate schedule is laid out over train.steps, so a run of another length (cut short or extended) is
+# not the run this budget asks for.
+_REUSABLE_DIFFERENCES = {"workdir"}
 _REUSABLE_PREFIXES = ("logging.", "checkpoint.")
 
 

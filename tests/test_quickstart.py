@@ -164,7 +164,7 @@ REDUCED_EVALUATION = ["base_steps=4", "fusion_steps=4", "batch_size=8", "widths=
                       "prompts=2", "sample_steps=2", "metric_setup=fast", "two_people=0", "variants=[decoupled_fixed]"]
 
 
-def test_reduced_evaluation_reuses_the_quickstart_stages(fast_run, tmp_path):
+def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path):
     from fusion_jax import synth_reproduction as sr
 
     main = _evaluate_main()
@@ -178,8 +178,11 @@ def test_reduced_evaluation_reuses_the_quickstart_stages(fast_run, tmp_path):
 
     compute = doc["compute"]
     assert compute["steps"] == {"decoupled_fixed": 4} and compute["gflop_per_step"]["decoupled_fixed"] > 0
-    # the quickstart's base model and Face Fusion run are this evaluation's (same recipe, same seeds): not retrained
-    assert not doc["timings"]["base"]["trained"] and not doc["timings"]["decoupled_fixed"]["trained"]
+    # the quickstart's base model is this evaluation's (same recipe, same seeds): not retrained; the Face Fusion
+    # variant trains the budget's steps in its own folder, beside the quickstart's rounds
+    assert not doc["timings"]["base"]["trained"]
+    assert doc["timings"]["decoupled_fixed"]["trained"] and doc["timings"]["decoupled_fixed"]["step"] == 4
+    assert (out / "fusion_decoupled_fixed" / "checkpoints" / "4").is_dir()
 
     assert set(doc["summary"]) == {"no_reference", "decoupled_fixed_1", "decoupled_fixed_4"}
     for row, values in doc["summary"].items():

@@ -73,10 +73,15 @@ def test_a_folder_trained_with_other_settings_is_not_reused(tmp_path):
     sr.check_reusable(config)  # nothing there yet
     os.makedirs(os.path.join(config.workdir, "checkpoints", "4"))
     save_config(config, os.path.join(config.workdir, "config.yaml"))
-    sr.check_reusable(config)  # the same run, and a longer one of it
-    sr.check_reusable(sr.variant_config(cfg, str(tmp_path), "decoupled_fixed", 40))
+    sr.check_reusable(config)  # the same run (resumed when cut short)
+    assert config.workdir == os.path.join(str(tmp_path), "fusion_decoupled_fixed")  # never a quickstart's 'fusion'
+    longer = sr.variant_config(cfg, str(tmp_path), "decoupled_fixed", 40)  # another budget: another LR schedule
+    with pytest.raises(ValueError, match=r"fusion_decoupled_fixed holds a run with other settings \(.*"
+                                         r"train.steps: 4 there, 40 here"):
+        sr.check_reusable(longer)
     other = sr.variant_config(dataclasses.replace(cfg, batch_size=8), str(tmp_path), "decoupled_fixed", 4)
-    with pytest.raises(ValueError, match=r"fusion holds a run with other settings \(data.batch_size: 16 there"):
+    with pytest.raises(ValueError, match=r"fusion_decoupled_fixed holds a run with other settings "
+                                         r"\(data.batch_size: 16 there"):
         sr.check_reusable(other)
 
 

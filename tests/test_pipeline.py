@@ -77,6 +77,36 @@ def test_references_are_other_photos_of_the_same_identity(source):
             np.testing.assert_allclose(levels, np.repeat(expected[:, None], levels.shape[1], 1), atol=1e-6)
 
 
+def test_vary_references_draws_one_to_n_distinct_photos_uniformly(source):
+    """vary_references: per example, k ~ U{1..N} distinct photos of the identity (fewer when it has fewer), padded
+    to N by repeating them; the default stream is unchanged by the option existing (same draws without it)."""
+    config = dataclasses.replace(BASE, vary_references=True, batch_size=8)
+    counts = {k: 0 for k in range(1, BASE.num_references + 1)}
+    capped = 0
+    for batch in take(make_pipeline(source, config), 40):
+        for b in range(config.batch_size):
+            target, refs = batch["source_index"][b], batch["reference_source_index"][b]
+            real = int(batch["num_real_references"][b])
+            assert target not in refs and np.all(source.identities[refs] == source.identities[target])
+            assert real == len(set(refs.tolist())) and 1 <= real <= BASE.num_references
+            np.testing.assert_array_equal(refs, np.resize(refs[:real], BASE.num_references))
+            available = PHOTOS_PER_IDENTITY[source.identities[target]] - 1
+            if available >= BASE.num_references:  # identities with enough photos show the drawn count itself
+                counts[real] += 1
+            else:
+                capped += 1
+                assert real <= available
+    total = sum(counts.values())
+    assert capped > 0 and total > 60
+    # Uniform over 1..3: each count's share within 4.5 binomial standard deviations of 1/3.
+    for k, c in counts.items():
+        assert abs(c / total - 1 / 3) < 4.5 * np.sqrt((1 / 3) * (2 / 3) / total), (k, counts)
+    # Off (the default), every example takes as many distinct photos as it can.
+    batch = take(make_pipeline(source, dataclasses.replace(BASE, batch_size=8)), 1)[0]
+    available = np.array([PHOTOS_PER_IDENTITY[source.identities[t]] - 1 for t in batch["source_index"]])
+    np.testing.assert_array_equal(batch["num_real_references"], np.minimum(available, BASE.num_references))
+
+
 def test_batches_have_the_contract_shapes_and_ranges(source):
     batch = take(make_pipeline(source, BASE), 1)[0]
     B, R, S, N = BASE.batch_size, BASE.resolution, BASE.reference_size, BASE.num_references
@@ -286,6 +316,11 @@ def test_preencoded_stream_samples_like_the_raw_one_and_resumes(source, preencod
             np.testing.assert_array_equal(pre["reference_latent_mean"][b], stored.arrays["reference_latent_mean"][refs])
             expected_text = stored.empty_text_embedding if pre["drop_text"][b] else stored.arrays["text_embedding"][target]
             np.testing.assert_array_equal(pre["text_embedding"][b], expected_text)
+    # vary_references draws the same reference counts and photos in both streams.
+    varied = take(make_preencoded_pipeline(stored, dataclasses.replace(config, vary_references=True)), 3)
+    for pre, raw_batch in zip(varied, take(make_pipeline(source, dataclasses.replace(BASE, vary_references=True)), 3)):
+        np.testing.assert_array_equal(pre["reference_source_index"], raw_batch["reference_source_index"])
+        np.testing.assert_array_equal(pre["num_real_references"], raw_batch["num_real_references"])
     first = make_preencoded_pipeline(stored, config)
     take(first, 2)
     resumed = take(make_preencoded_pipeline(stored, config, state=first.get_state()), 2)

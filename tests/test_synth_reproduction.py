@@ -85,6 +85,18 @@ def test_a_folder_trained_with_other_settings_is_not_reused(tmp_path):
         sr.check_reusable(other)
 
 
+def test_the_varied_reference_ablation_differs_from_decoupled_fixed_only_in_its_references(tmp_path):
+    """decoupled_fixed_varied is decoupled_fixed on 4 reference slots holding 1-4 distinct photos: nothing else."""
+    cfg = sr.EvaluationConfig(out=str(tmp_path), base_steps=4, fusion_steps=4, widths=(8, 16))
+    flat = {n: sr._flat(sr.variant_config(cfg, str(tmp_path), n, 4)) for n in ("decoupled_fixed",
+                                                                             "decoupled_fixed_varied")}
+    differ = {k for k in flat["decoupled_fixed"] if flat["decoupled_fixed"][k] != flat["decoupled_fixed_varied"][k]}
+    assert differ == {"workdir", "data.pipeline.num_references", "data.pipeline.vary_references"}
+    assert flat["decoupled_fixed_varied"]["data.pipeline.num_references"] == 4
+    assert flat["decoupled_fixed_varied"]["data.pipeline.vary_references"] is True
+    assert flat["decoupled_fixed"]["data.pipeline.vary_references"] is False
+
+
 def test_mean_face_box_is_the_held_out_photos_mean_inside_the_image():
     from fusion_jax.data import synthfaces
 

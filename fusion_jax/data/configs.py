@@ -19,6 +19,10 @@ class PipelineConfig:
     # References per example (0-4); fewer available photos are padded by duplication. 0: none are drawn or
     # rendered (a text-to-image stream; identity objectives need >= 1).
     num_references: int = 4
+    # Draw the number of distinct references uniformly from 1..num_references per example (then padded to
+    # num_references by repetition): trains a model to use one photo as well as several. False: as many distinct
+    # photos as the identity has, up to num_references.
+    vary_references: bool = False
     # Side of each square reference crop (pixels); source crops are resized to it.
     reference_size: int = 224
     # Probability of flagging the caption as dropped (text-free guidance term).

@@ -65,14 +65,18 @@ class SamplingPlan:
     def example_rng(self, epoch: int, target: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, int(target), _EXAMPLE_SALT])
 
-    def draw(self, position: int, num_references: int):
-        """(epoch, target index, reference indices (N,), number of distinct references, rng) at `position`."""
+    def draw(self, position: int, num_references: int, vary: bool = False):
+        """(epoch, target index, reference indices (N,), number of distinct references, rng) at `position`.
+
+        `vary`: the number of distinct references is drawn uniformly from 1..N per example (then padded to N by
+        repetition), so a model trained on N slots also sees 1, 2, ... distinct photos."""
         epoch, offset = divmod(int(position), self.per_host)
         target = int(self.host_order(epoch)[offset])
         rng = self.example_rng(epoch, target)
         others = self.photos[int(self.identities[target])]
         others = others[others != target]
-        chosen = rng.choice(others, size=min(num_references, len(others)), replace=False)
+        wanted = int(rng.integers(1, num_references + 1)) if vary and num_references > 0 else num_references
+        chosen = rng.choice(others, size=min(wanted, len(others)), replace=False)
         padded = np.resize(chosen, num_references)  # repeats the distinct ones cyclically
         return epoch, target, padded.astype(np.int64), len(chosen), rng
 
@@ -340,7 +344,7 @@ class FaceBatchIterator(PositionStream):
     def load_example(self, position: int) -> tuple:
         """All per-example fields at host stream `position` (NumPy; runs inside tf.data threads)."""
         config = self.config
-        _, target_index, reference_indices, num_real, rng = self.plan.draw(position, config.num_references)
+        _, target_index, reference_indices, num_real, rng = self.plan.draw(position, config.num_references, config.vary_references)
         record = self.source[target_index]
         drop_text = rng.random() < config.p_drop_text
         drop_reference = rng.random() < config.p_drop_reference

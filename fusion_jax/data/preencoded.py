@@ -202,6 +202,8 @@ class PreencodedConfig:
 
     # References per example (1-4), padded by duplication.
     num_references: int = 4
+    # Draw 1..num_references distinct references per example (uniformly), padded to num_references.
+    vary_references: bool = False
     # Probability of flagging the caption as dropped (its embedding is then the empty prompt's).
     p_drop_text: float = 0.1
     # Probability of flagging references and face mask as dropped.
@@ -256,7 +258,7 @@ class PreencodedBatchIterator(PositionStream):
 
     def load_example(self, position: int) -> tuple:
         config, arrays = self.config, self.source.arrays
-        _, target, refs, num_real, rng = self.plan.draw(position, config.num_references)
+        _, target, refs, num_real, rng = self.plan.draw(position, config.num_references, config.vary_references)
         drop_text = rng.random() < config.p_drop_text
         drop_reference = rng.random() < config.p_drop_reference
         latent_size = arrays["latent_mean"].shape[1]

@@ -344,7 +344,8 @@ class FaceBatchIterator(PositionStream):
     def load_example(self, position: int) -> tuple:
         """All per-example fields at host stream `position` (NumPy; runs inside tf.data threads)."""
         config = self.config
-        _, target_index, reference_indices, num_real, rng = self.plan.draw(position, config.num_references, config.vary_references)
+        _, target_index, reference_indices, num_real, rng = self.plan.draw(position, config.num_references,
+                                                                           config.vary_references)
         record = self.source[target_index]
         drop_text = rng.random() < config.p_drop_text
         drop_reference = rng.random() < config.p_drop_reference

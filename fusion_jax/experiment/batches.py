@@ -122,7 +122,8 @@ def make_batch_iterator_factory(config: ExperimentConfig, method, *, tokenizer, 
         if cfg.data.source == "preencoded":
             from fusion_jax.data.preencoded import PreencodedConfig, make_preencoded_pipeline
 
-            pc = PreencodedConfig(num_references=p.num_references, vary_references=p.vary_references, p_drop_text=0.0, p_drop_reference=0.0,
+            pc = PreencodedConfig(num_references=p.num_references, vary_references=p.vary_references,
+                                  p_drop_text=0.0, p_drop_reference=0.0,
                                   seed=cfg.data.seed, batch_size=per_host, num_parallel_calls=p.num_parallel_calls,
                                   prefetch=p.prefetch)
             keys = stream_keys(PREENCODED_KEYS, REFERENCE_PREENCODED_KEYS, method)

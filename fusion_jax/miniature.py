@@ -340,6 +340,9 @@ class EvalSet:
     target_images: np.ndarray  # (M, T, H, W, 3) uint8 other photos of the same person (SimTarget)
     reference_labels: Optional[np.ndarray] = None  # (M, 4, 4) attribute classes of the reference photos
     reference_boxes: Optional[np.ndarray] = None  # (M, 4, 4) pixel face boxes (x0, y0, x1, y1) of those photos
+    # (M, 4, 512) float32 recognition embeddings of those photos (`data.synth_recognition`, the ArcFace stand-in
+    # that the embedding methods read; the others ignore them)
+    reference_embeddings: Optional[np.ndarray] = None
 
 
 def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_prompts: int,
@@ -353,9 +356,10 @@ def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_p
                          f"{len(heldout)} held-out identities")
     if not 1 <= num_prompts <= len(EVAL_PROMPTS):
         raise ValueError(f"prompts={num_prompts}: must be in [1, {len(EVAL_PROMPTS)}]")
-    ids, caps, labels, crops, refs, targets, ref_labels, ref_boxes = [], [], [], [], [], [], [], []
+    ids, caps, labels, crops, refs, targets, ref_labels, ref_boxes, ref_embs = [], [], [], [], [], [], [], [], []
+    recognised = dataclasses.replace(faces, recognition_embedding=True)  # same pixels, plus the embedding
     for identity in heldout[first_identity:first_identity + num_identities]:
-        ref_records = [synthfaces.render_face(int(identity), p, faces) for p in REFERENCE_PHOTOS]
+        ref_records = [synthfaces.render_face(int(identity), p, recognised) for p in REFERENCE_PHOTOS]
         target_records = [synthfaces.render_face(int(identity), p, faces) for p in TARGET_PHOTOS]
         for attrs in EVAL_PROMPTS[:num_prompts]:
             ids.append(int(identity))
@@ -366,8 +370,9 @@ def build_eval_set(faces: synthfaces.SynthFaceConfig, num_identities: int, num_p
             targets.append(np.stack([r["image"] for r in target_records]))
             ref_labels.append(np.stack([r["attribute_labels"] for r in ref_records]))
             ref_boxes.append(np.stack([r["face_box"] for r in ref_records]))
+            ref_embs.append(np.stack([r["embedding"] for r in ref_records]))
     return EvalSet(np.asarray(ids), caps, np.stack(labels), np.stack(crops), np.stack(refs), np.stack(targets),
-                   np.stack(ref_labels), np.stack(ref_boxes))
+                   np.stack(ref_labels), np.stack(ref_boxes), np.stack(ref_embs))
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
@@ -402,21 +407,27 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
         if pad:
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
             noise = np.concatenate([noise, np.repeat(noise[-1:], pad, 0)])
-        refs = row_boxes = None
+        refs = row_boxes = embeddings = None
         if num_references:
             refs = to_unit(eval_set.reference_crops[lo:hi, :num_references])
             row_boxes = None if boxes is None else np.asarray(boxes[lo:hi], np.float32)
+            if eval_set.reference_embeddings is not None:  # (B, K=1, N, 512)
+                embeddings = eval_set.reference_embeddings[lo:hi, None, :num_references]
             if pad:
                 refs = np.concatenate([refs, np.repeat(refs[-1:], pad, 0)])
                 if row_boxes is not None:
                     row_boxes = np.concatenate([row_boxes, np.repeat(row_boxes[-1:], pad, 0)])
+                if embeddings is not None:
+                    embeddings = np.concatenate([embeddings, np.repeat(embeddings[-1:], pad, 0)])
         key = jax.random.fold_in(jax.random.key(seed), lo)
         if sampler is not None:
             images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, identity_cfg=identity_cfg,
-                             **({"boxes": row_boxes} if row_boxes is not None else {}))
+                             **({"boxes": row_boxes} if row_boxes is not None else {}),
+                             **({"face_embeddings": embeddings} if embeddings is not None else {}))
         else:
             images = generate(pipeline, ids, key=key, cfg=cfg, noise=jnp.asarray(noise), references=refs,
-                              boxes=row_boxes, identity_cfg=identity_cfg if refs is not None else None)
+                              boxes=row_boxes, face_embeddings=embeddings,
+                              identity_cfg=identity_cfg if refs is not None else None)
         out.append(np.asarray(images)[: hi - lo])
         if progress is not None:
             progress.update(hi - lo)

@@ -54,6 +54,12 @@ class QuickstartConfig:
     fusion_rounds: int = 2
     fusion_trainable: str = "identity+lora"  # identity projections + rank-4 LoRA of the UNet attention
     fusion_lr: float = 2e-3  # Face Fusion learning rate
+    # reference photos per Face Fusion training example (the reference branch runs the UNet on batch x this many
+    # crops, so a step costs more with more); the quickstart samples with 1 and 4
+    fusion_references: int = 2
+    # each training example draws 1..fusion_references distinct photos (padded by repetition), so the model sees
+    # every count it is sampled with instead of exactly fusion_references
+    vary_references: bool = False
     batch_size: int = 16  # training batch (both stages)
     widths: tuple[int, ...] = mm.MiniatureModelConfig().widths  # UNet channels per level
     metric_setup: str = "default"  # metric models trained from scratch: 'default' or 'fast' (tests)
@@ -87,7 +93,9 @@ def seeded_metric_setup(name: str, image_size: int, seed: int):
 def fusion_recipe(cfg: QuickstartConfig) -> tuple[str, ...]:
     """Overrides of face_fusion.yaml the quickstart trains with: trainable set, learning rate, stage seeds (the
     evaluation starts every method from these, so a quickstart folder's runs are its runs)."""
-    return (f"train.trainable={cfg.fusion_trainable}", f"train.lr={cfg.fusion_lr}", *stage_seed_overrides(cfg.seed))
+    return (f"train.trainable={cfg.fusion_trainable}", f"train.lr={cfg.fusion_lr}",
+            f"data.pipeline.num_references={cfg.fusion_references}",
+            f"data.pipeline.vary_references={str(cfg.vary_references).lower()}", *stage_seed_overrides(cfg.seed))
 
 
 def quickstart_stage_configs(cfg: QuickstartConfig, out: str):

@@ -57,6 +57,11 @@ VARIANTS: dict[str, Variant] = {
     # the pooled one-token baseline (identity/single_token.py): IP-Adapter-like, same options as decoupled_fixed
     "single_token": Variant("single token (IP-Adapter-like)", (
         "objective.name=single_token", "single_token.combine=decoupled", "single_token.reference_timestep=fixed")),
+    # IP-Adapter-FaceID: tokens from a face-recognition embedding (the miniature's ArcFace stand-in,
+    # data.synth_recognition), adapter + LoRA, the release's recipe otherwise
+    "ip_adapter_faceid": Variant("IP-Adapter-FaceID (recognition-embedding tokens)", (
+        "objective.name=ip_adapter_faceid", "train.trainable=adapter+lora",
+        "data.synthfaces.recognition_embedding=true")),
     # FlashFace: ReferenceNet feature maps into the decoder self-attention, the face-mask channel, trained from
     # the base model's copy
     "flashface": Variant("FlashFace (reference feature maps)", (
@@ -68,9 +73,8 @@ SINGLE_CFG_VARIANT = "flashface"  # also sampled with single CFG (FlashFace's di
 
 # Registered methods the miniature cannot train, and why (reported in the table's notes).
 NOT_IN_MINIATURE = {
-    "facestudio": "needs a face-recognition embedding per photo and a CLIP style tower; synthfaces records carry "
-                  "no embedding (its stream gives zeros), so its identity branch would read nothing",
-    "ip_adapter_faceid": "reads an ArcFace embedding per photo, which synthfaces does not have (same reason)",
+    "facestudio": "needs a CLIP vision tower for its style input (and a prior for its text branch); the "
+                  "miniature has no trained image tower, so the style branch would read random features",
 }
 
 
@@ -272,6 +276,9 @@ def check_claims(per_image: dict[str, dict[str, np.ndarray]], eval_set: mm.EvalS
 
     compare("Face Fusion: multi-scale reference encoding by the UNet beats a single embedding token",
             "decoupled_fixed_1", "single_token_1", "sim_target")
+    if "ip_adapter_faceid_1" in per_image:  # the recognition-embedding baseline, when this run has it
+        compare("Face Fusion: multi-scale reference encoding beats tokens from a face-recognition embedding "
+                "(IP-Adapter-FaceID)", "decoupled_fixed_1", "ip_adapter_faceid_1", "sim_target")
     compare("Face Fusion: more references help (4 vs 1)", "decoupled_fixed_4", "decoupled_fixed_1", "sim_target")
     if "decoupled_fixed_varied_1" in per_image:  # the ablation row, when this run has it
         compare("Face Fusion trained with 1-4 references: more references help (4 vs 1)",

@@ -159,9 +159,11 @@ def _evaluate_main():
 
 
 # the quickstart's --fast stages (fusion_jax/cli/quickstart.py); FlashFace and the single-token baseline are left out
-# here for time (their training / sampling paths on the 12-channel miniature: test_flashface.py, and the full run)
+# here for time (their training / sampling paths on the 12-channel miniature: test_flashface.py, and the full run);
+# IP-Adapter-FaceID is in: its rows read the recognition embedding end to end (stream -> training -> sampling)
 REDUCED_EVALUATION = ["base_steps=4", "fusion_steps=4", "batch_size=8", "widths=[8,16]", "identities=2",
-                      "prompts=2", "sample_steps=2", "metric_setup=fast", "two_people=0", "variants=[decoupled_fixed]"]
+                      "prompts=2", "sample_steps=2", "metric_setup=fast", "two_people=0",
+                      "variants=[decoupled_fixed,ip_adapter_faceid]"]
 
 
 def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path):
@@ -177,21 +179,31 @@ def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path)
     doc = json.loads((out / "evaluation.json").read_text())
 
     compute = doc["compute"]
-    assert compute["steps"] == {"decoupled_fixed": 4} and compute["gflop_per_step"]["decoupled_fixed"] > 0
+    assert compute["steps"]["decoupled_fixed"] == 4 and compute["gflop_per_step"]["decoupled_fixed"] > 0
+    # equal FLOPs: the adapter's step (no reference pass through the UNet) is cheaper, so it takes more steps
+    faceid_steps = compute["steps"]["ip_adapter_faceid"]
+    assert compute["gflop_per_step"]["ip_adapter_faceid"] < compute["gflop_per_step"]["decoupled_fixed"]
+    assert faceid_steps == round(4 * compute["gflop_per_step"]["decoupled_fixed"]
+                                 / compute["gflop_per_step"]["ip_adapter_faceid"])
     # the quickstart's base model is this evaluation's (same recipe, same seeds): not retrained; the Face Fusion
     # variant trains the budget's steps in its own folder, beside the quickstart's rounds
     assert not doc["timings"]["base"]["trained"]
     assert doc["timings"]["decoupled_fixed"]["trained"] and doc["timings"]["decoupled_fixed"]["step"] == 4
     assert (out / "fusion_decoupled_fixed" / "checkpoints" / "4").is_dir()
 
-    assert set(doc["summary"]) == {"no_reference", "decoupled_fixed_1", "decoupled_fixed_4"}
+    assert doc["timings"]["ip_adapter_faceid"]["step"] == faceid_steps
+    assert set(doc["summary"]) == {"no_reference", "decoupled_fixed_1", "decoupled_fixed_4", "ip_adapter_faceid_1",
+                                   "ip_adapter_faceid_4"}
     for row, values in doc["summary"].items():
         for key in sr.TABLE_KEYS:
             low, high = values[key + "_ci95"]
             assert math.isfinite(values[key]) and low - 1e-9 <= values[key] <= high + 1e-9, (row, key)
             assert values[key] == pytest.approx(np.mean(doc["per_image"][row][key]), abs=1e-9)
     verdicts = {c["claim"]: c["verdict"] for c in doc["claims"]}
-    assert len(verdicts) == 7 and set(verdicts.values()) <= {"held", "not held", "not testable here"}
+    assert len(verdicts) == 8 and set(verdicts.values()) <= {"held", "not held", "not testable here"}
+    faceid = next(c for c in doc["claims"] if "IP-Adapter-FaceID" in c["claim"])
+    assert faceid["difference"] == pytest.approx(np.mean(np.subtract(
+        doc["per_image"]["decoupled_fixed_1"]["sim_target"], doc["per_image"]["ip_adapter_faceid_1"]["sim_target"])))
     four_vs_one = next(c for c in doc["claims"] if "4 vs 1" in c["claim"])
     per_image = doc["per_image"]
     assert four_vs_one["difference"] == pytest.approx(

@@ -114,6 +114,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                              "after this round (default: the previous model's + 1)")
     parser.add_argument("--continue-from", default=None,
                         help="an assets folder (model/ + training.json): train only one more Face Fusion round on it")
+    parser.add_argument("--fusion-references", type=int, default=None,
+                        help="reference photos per Face Fusion training example (default QuickstartConfig: 2)")
+    parser.add_argument("--vary-references", action="store_true", default=None,
+                        help="each Face Fusion training example draws 1..--fusion-references distinct photos")
     parser.add_argument("--seed", type=int, default=0, help="seeds every stage (weights, data order, metric models)")
     parser.add_argument("--max-mb", type=float, default=20.0, help="refuse to write assets larger than this")
     args = parser.parse_args(argv)
@@ -125,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     from fusion_jax.quickstart import QuickstartConfig, quickstart_stage_configs, train_from_scratch
 
     kw = {k: v for k, v in (("base_steps", args.base_steps), ("fusion_steps", args.fusion_steps),
-                            ("fusion_rounds", args.fusion_rounds)) if v is not None}
+                            ("fusion_rounds", args.fusion_rounds), ("fusion_references", args.fusion_references),
+                            ("vary_references", args.vary_references)) if v is not None}
     out = os.path.abspath(args.out)
     start = time.perf_counter()
     previous = None

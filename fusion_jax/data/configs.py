@@ -86,6 +86,10 @@ class SynthFaceConfig:
     seed: int = 0  # dataset seed: traits and photos are pure functions of (ids, seed)
     supersample: int = 2  # draw at this multiple of the size, then box-filter down (antialiasing)
     crop_extent: float = 2.7  # crop side in face units (head half-height = 1; covers hair and chin)
+    # records carry a recognition embedding (the ArcFace stand-in of `synth_recognition`: a fixed projection of
+    # the person's traits plus per-photo noise), for the methods that read one; False = zeros, has_embedding False
+    recognition_embedding: bool = False
+    embedding_noise: float = 0.5  # norm of the per-photo noise added to the unit identity embedding
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 16:
@@ -101,6 +105,8 @@ class SynthFaceConfig:
             raise ValueError(f"supersample must be an int >= 1, got {self.supersample!r}")
         if not self.crop_extent > 0:
             raise ValueError(f"crop_extent must be > 0, got {self.crop_extent!r}")
+        if not self.embedding_noise >= 0:
+            raise ValueError(f"embedding_noise must be >= 0, got {self.embedding_noise!r}")
 
     @property
     def face_crop_size(self) -> int:

@@ -523,7 +523,8 @@ def render_face(
     Keys: image uint8 (S, S, 3); face_crop uint8 (C, C, 3), the head cut out upright and centred (exact
     geometry, no detector); face_box float32 [x0, y0, x1, y1] of the head outline and landmarks float32 (5, 2)
     (image-left eye, image-right eye, nose tip, mouth corners), both in pixel-index coordinates (pixel centres
-    at integers); embedding float32 (512,) zeros with has_embedding False; identity, photo_id int64; caption
+    at integers); embedding float32 (512,): zeros with has_embedding False, or with
+    `config.recognition_embedding` the ArcFace stand-in of `synth_recognition`; identity, photo_id int64; caption
     str; attributes dict; attribute_labels int64 (4,).
     """
     traits = sample_identity(identity_id, config.seed)
@@ -565,13 +566,19 @@ def render_face(
 
     head = _apply(to_image, _head_outline(traits))
     landmarks = _apply(to_image, landmarks_units) - 0.5
+    if config.recognition_embedding:
+        from fusion_jax.data.synth_recognition import photo_embedding
+
+        embedding, has_embedding = photo_embedding(traits, identity_id, photo_id, config), np.bool_(True)
+    else:
+        embedding, has_embedding = np.zeros((512,), np.float32), np.bool_(False)
     return {
         "image": np.round(image).astype(np.uint8),
         "face_crop": np.round(face_crop).astype(np.uint8),
         "face_box": np.concatenate([head.min(axis=0), head.max(axis=0)]).astype(np.float32) - 0.5,
         "landmarks": landmarks.astype(np.float32),
-        "embedding": np.zeros((512,), np.float32),
-        "has_embedding": np.bool_(False),
+        "embedding": embedding,
+        "has_embedding": has_embedding,
         "identity": np.int64(identity_id),
         "photo_id": np.int64(photo_id),
         "caption": build_caption(attrs),

@@ -543,15 +543,14 @@ def round_name(index: int) -> str:
     return "fusion" if index == 1 else f"fusion_round{index}"
 
 
-def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=print, rounds: int = 1
+def prepare_models(out: str, base, fusions: Sequence[Any], model_cfg: MiniatureModelConfig, log=print
                    ) -> tuple[dict[str, Any], Any]:
-    """Pipeline folder, base training, base export, Face Fusion training in `rounds` rounds of fusion.train.steps
-    (round r > 1 continues from round r-1's export), each skipped when already done: (timings, last round's
-    config)."""
+    """Pipeline folder, base training, base export, then Face Fusion round r with config `fusions[r - 1]` (rounds
+    r > 1 continue from round r-1's export), each skipped when already done: (timings, last round's config)."""
     from fusion_jax.miniature_assets import export_quickstart_model
 
-    if rounds < 1:
-        raise ValueError(f"Face Fusion rounds must be >= 1, got {rounds}")
+    if len(fusions) < 1:
+        raise ValueError("Face Fusion rounds must be >= 1, got none")
     timings = {}
     pipeline_dir = os.path.join(out, "pipeline")
     log("[1/5] miniature pipeline (random pixel UNet, word-level tokenizer, frozen random text encoder)")
@@ -559,14 +558,19 @@ def prepare_models(out: str, base, fusion, model_cfg: MiniatureModelConfig, log=
     log(f"[2/5] text-to-image base model: {base.train.steps} steps, batch {base.data.batch_size}")
     timings["base"] = train_stage(base, log)
     export_base_pipeline(base.workdir, pipeline_dir, os.path.join(out, "base_pipeline"))
-    stage = fusion
-    for index in range(1, rounds + 1):
+    stage, last_workdir = None, ""
+    rounds = len(fusions)
+    for index, fusion in enumerate(fusions, start=1):
+        stage = fusion
         if index > 1:
             previous = Path(out) / f"{round_name(index - 1)}_model"
             if not (previous / "identity").is_dir() or timings[round_name(index - 1)]["trained"]:
-                export_quickstart_model(stage.workdir, pipeline_dir, previous)
+                export_quickstart_model(last_workdir, pipeline_dir, previous)
             stage = continuation_stage(fusion, previous, pipeline_dir, out, index)
+        pipe = stage.data.pipeline
+        distinct = " (1 to that many distinct)" if pipe.vary_references else ""
         log(f"[3/5] Face Fusion round {index}/{rounds}: {stage.train.steps} steps, trainable={stage.train.trainable}, "
-            f"{stage.data.pipeline.num_references} references per example")
+            f"{pipe.num_references} references per example{distinct}")
         timings[round_name(index)] = train_stage(stage, log)
+        last_workdir = stage.workdir
     return timings, stage

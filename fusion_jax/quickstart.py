@@ -40,6 +40,37 @@ DIFFERENCES = {"sim_target_4_minus_1_references": ("sim_target", 4, 1),
 
 
 @dataclasses.dataclass(frozen=True)
+class FusionRound:
+    """One Face Fusion training round of the from-scratch recipe."""
+
+    steps: int  # training steps of this round
+    # reference photos per training example (the reference branch runs the UNet on batch x this many crops, so a
+    # step costs more with more); the quickstart samples with 1 and 4
+    references: int = 2
+    # each example fills its `references` slots with 1..references distinct photos (padded by repetition), so the
+    # model sees every count it is sampled with instead of exactly `references`
+    vary_references: bool = False
+
+
+# The shipped model's recipe (its training.json): two rounds of 2400 steps on 2 references (800 steps gave SimTarget
+# 0.25, 2 x 2400 about 0.50), then 1600 steps on 4 slots holding 1-4 distinct photos (4 references above 1).
+SHIPPED_FUSION_ROUNDS = (FusionRound(2400), FusionRound(2400), FusionRound(1600, references=4, vary_references=True))
+
+
+def fusion_schedule(rounds: Optional[int] = None, steps: Optional[int] = None, references: Optional[int] = None,
+                    vary_references: Optional[bool] = None,
+                    recipe: tuple[FusionRound, ...] = SHIPPED_FUSION_ROUNDS) -> tuple[FusionRound, ...]:
+    """`recipe` as the command-line flags change it: its first `rounds` rounds (the last one repeated when more),
+    then `steps` / `references` / `vary_references` set in every round; a flag left None keeps the recipe's."""
+    if rounds is not None and rounds < 1:
+        raise ValueError(f"Face Fusion rounds must be >= 1, got {rounds}")
+    chosen = list(recipe[:rounds]) + [recipe[-1]] * max(0, (rounds or 0) - len(recipe))
+    changes = {k: v for k, v in (("steps", steps), ("references", references), ("vary_references", vary_references))
+               if v is not None}
+    return tuple(dataclasses.replace(r, **changes) for r in chosen)
+
+
+@dataclasses.dataclass(frozen=True)
 class QuickstartConfig:
     """Everything `fusion-jax quickstart` does (defaults: the shipped model, a few minutes on 2 CPU cores)."""
 
@@ -48,18 +79,11 @@ class QuickstartConfig:
     assets: str = ""  # the shipped-model folder ('' = fusion_jax/assets/miniature)
     # From scratch only (the shipped model's recipe; its training.json has the wall times):
     base_steps: int = 5000  # text-to-image steps of the base model
-    fusion_steps: int = 2400  # Face Fusion steps per round (800 gave SimTarget 0.25, 2400 gives 0.50)
-    # Face Fusion rounds: round r > 1 continues from round r-1's export (its LoRA merged into the UNet, fresh
-    # adapters, optimizer and learning-rate schedule: a warm restart); the shipped model has 2
-    fusion_rounds: int = 2
+    # Face Fusion rounds, in order: round r > 1 continues from round r-1's export (its LoRA merged into the UNet,
+    # fresh adapters, optimizer and learning-rate schedule: a warm restart); the shipped model's recipe
+    fusion_rounds: tuple[FusionRound, ...] = SHIPPED_FUSION_ROUNDS
     fusion_trainable: str = "identity+lora"  # identity projections + rank-4 LoRA of the UNet attention
     fusion_lr: float = 2e-3  # Face Fusion learning rate
-    # reference photos per Face Fusion training example (the reference branch runs the UNet on batch x this many
-    # crops, so a step costs more with more); the quickstart samples with 1 and 4
-    fusion_references: int = 2
-    # each training example draws 1..fusion_references distinct photos (padded by repetition), so the model sees
-    # every count it is sampled with instead of exactly fusion_references
-    vary_references: bool = False
     batch_size: int = 16  # training batch (both stages)
     widths: tuple[int, ...] = mm.MiniatureModelConfig().widths  # UNet channels per level
     metric_setup: str = "default"  # metric models trained from scratch: 'default' or 'fast' (tests)
@@ -90,30 +114,36 @@ def seeded_metric_setup(name: str, image_size: int, seed: int):
                                reader_train=dataclasses.replace(setup.reader_train, seed=seed))
 
 
-def fusion_recipe(cfg: QuickstartConfig) -> tuple[str, ...]:
-    """Overrides of face_fusion.yaml the quickstart trains with: trainable set, learning rate, stage seeds (the
-    evaluation starts every method from these, so a quickstart folder's runs are its runs)."""
+def fusion_recipe(cfg: QuickstartConfig, round_: Optional[FusionRound] = None) -> tuple[str, ...]:
+    """Overrides of face_fusion.yaml the quickstart trains a round with (default: its first round): trainable set,
+    learning rate, references, stage seeds (the evaluation starts every method from these, so a quickstart
+    folder's runs are its runs)."""
+    round_ = round_ or cfg.fusion_rounds[0]
     return (f"train.trainable={cfg.fusion_trainable}", f"train.lr={cfg.fusion_lr}",
-            f"data.pipeline.num_references={cfg.fusion_references}",
-            f"data.pipeline.vary_references={str(cfg.vary_references).lower()}", *stage_seed_overrides(cfg.seed))
+            f"data.pipeline.num_references={round_.references}",
+            f"data.pipeline.vary_references={str(round_.vary_references).lower()}", *stage_seed_overrides(cfg.seed))
 
 
 def quickstart_stage_configs(cfg: QuickstartConfig, out: str):
-    """(base config, Face Fusion config, MiniatureModelConfig) of the from-scratch stages under OUT, seeded."""
-    base, fusion, model_cfg = mm.stage_configs(
-        out, cfg.base_steps, cfg.fusion_steps, cfg.batch_size, cfg.widths, extra_base=stage_seed_overrides(cfg.seed),
-        extra_fusion=fusion_recipe(cfg))
-    return base, fusion, dataclasses.replace(model_cfg, seed=cfg.seed)
+    """(base config, one Face Fusion config per round, MiniatureModelConfig) of the from-scratch stages under OUT,
+    seeded (each round's config has workdir OUT/fusion; `miniature.continuation_stage` moves rounds > 1 on)."""
+    fusions = []
+    for round_ in cfg.fusion_rounds:
+        base, fusion, model_cfg = mm.stage_configs(
+            out, cfg.base_steps, round_.steps, cfg.batch_size, cfg.widths, extra_base=stage_seed_overrides(cfg.seed),
+            extra_fusion=fusion_recipe(cfg, round_))
+        fusions.append(fusion)
+    return base, tuple(fusions), dataclasses.replace(model_cfg, seed=cfg.seed)
 
 
 def train_from_scratch(cfg: QuickstartConfig, out: str, log: Callable[[str], None]) -> tuple[Path, Path, dict, Any]:
     """Every stage in OUT (each resumes): (model folder, metrics folder, timings, last Face Fusion round's config)."""
     from fusion_jax import synth_metrics
 
-    base, fusion, model_cfg = quickstart_stage_configs(cfg, out)
-    timings, last = mm.prepare_models(out, base, fusion, model_cfg, log, rounds=cfg.fusion_rounds)
+    base, fusions, model_cfg = quickstart_stage_configs(cfg, out)
+    timings, last = mm.prepare_models(out, base, fusions, model_cfg, log)
     model_dir = Path(out) / "model"
-    if not (model_dir / "identity").is_dir() or timings[mm.round_name(cfg.fusion_rounds)]["trained"]:
+    if not (model_dir / "identity").is_dir() or timings[mm.round_name(len(fusions))]["trained"]:
         assets.export_quickstart_model(last.workdir, os.path.join(out, "pipeline"), model_dir)
     log(f"[4/5] metric models (identity embedder + attribute reader, setup '{cfg.metric_setup}'; cached)")
     t = time.perf_counter()

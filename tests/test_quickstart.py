@@ -132,6 +132,36 @@ def test_quickstart_flags_are_checked(tmp_path, capsys):
         main(["--out", str(tmp_path / "q"), "--assets", str(tmp_path / "nothing")])
 
 
+def test_fusion_schedule_is_the_shipped_recipe_as_the_flags_change_it(tmp_path):
+    """The default from-scratch rounds are the ones that made the shipped model (its training.json), and each
+    round's config carries its own steps and references."""
+    from fusion_jax import miniature_assets as assets
+    from fusion_jax.quickstart import (SHIPPED_FUSION_ROUNDS, FusionRound, QuickstartConfig, fusion_schedule,
+                                       quickstart_stage_configs)
+
+    assert QuickstartConfig(out="").fusion_rounds == SHIPPED_FUSION_ROUNDS == fusion_schedule()
+    assert fusion_schedule(rounds=2) == SHIPPED_FUSION_ROUNDS[:2]
+    assert fusion_schedule(rounds=5) == (*SHIPPED_FUSION_ROUNDS, SHIPPED_FUSION_ROUNDS[-1], SHIPPED_FUSION_ROUNDS[-1])
+    assert fusion_schedule(rounds=2, steps=4) == (FusionRound(4), FusionRound(4))
+    assert fusion_schedule(references=3, vary_references=False)[-1] == FusionRound(1600, 3, False)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        fusion_schedule(rounds=0)
+    # the shipped model's own record names the same rounds: it was made one round per command, each continuing the
+    # previous one's export (records older than a field did not write it: 2 references, not varied)
+    record = json.loads((assets.ASSET_DIR / assets.RECORD_FILE).read_text())
+    shipped_rounds = []
+    while record:
+        quickstart = record["quickstart"]
+        shipped_rounds.insert(0, (quickstart["fusion_steps"], quickstart.get("fusion_references", 2),
+                                  quickstart.get("vary_references", False)))
+        record = record.get("continued_from")
+    assert shipped_rounds == [(2400, 2, False), (2400, 2, False), (1600, 4, True)]
+    base, fusions, _ = quickstart_stage_configs(QuickstartConfig(out=str(tmp_path)), str(tmp_path))
+    assert base.train.steps == 5000
+    assert [(f.train.steps, f.data.pipeline.num_references, f.data.pipeline.vary_references) for f in fusions] == [
+        (2400, 2, False), (2400, 2, False), (1600, 4, True)]
+
+
 def test_shipped_assets_are_complete_small_and_recorded():
     """The package's own shipped model: every file the quickstart reads, under 20 MB, made by a recorded command."""
     from fusion_jax import miniature_assets as assets
@@ -247,8 +277,14 @@ def test_miniature_assets_continues_a_shipped_model(fast_run, tmp_path, capsys):
     assert main(["--out", str(tmp_path / "run"), "--continue-from", str(previous), "--fusion-steps", "2",
                  "--assets", str(target)]) == 0
     written = json.loads((target / "training.json").read_text())
-    assert written["quickstart"]["fusion_rounds"] == 3 and written["continued_from"] == record
+    # the record lists the rounds: the two it continued (the shipped recipe's first two, the record giving a count)
+    # and the new one, the recipe's round 3 with the flags' steps (4 slots holding 1-4 distinct photos)
+    assert [tuple(r.values()) for r in written["quickstart"]["fusion_rounds"]] == [(2400, 2, False), (2400, 2, False),
+                                                                                  (2, 4, True)]
+    assert written["continued_from"] == record
     assert written["stages"]["fusion_round3"]["step"] == 2 and written["stages"]["fusion_round3"]["trained"]
+    assert written["fusion_config"]["data"]["pipeline"]["num_references"] == 4
+    assert written["fusion_config"]["data"]["pipeline"]["vary_references"] is True
     assert written["fusion_config"]["model"]["identity_init"].endswith("fusion_round2_model")
     # round 3 draws its own data order and noise: the seeds moved on by 1000 per round
     assert written["fusion_config"]["train"]["seed"] == written["fusion_config"]["data"]["seed"] == 2000

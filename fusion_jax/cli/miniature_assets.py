@@ -8,8 +8,9 @@ Stages (each resumes from OUT, so an interrupted run continues and a finished st
   configs/synthfaces/text_to_image.yaml), 3. Face Fusion on top of it (OUT/fusion, face_fusion.yaml with the
   quickstart's trainable set and lr), 4. the export (OUT/model: UNet with LoRA merged + identity/ + the pipeline's
   text encoder, tokenizer, schedule), 5. the metric models (OUT/metrics, the default setup).
-Face Fusion trains in --fusion-rounds rounds (default 2): round r > 1 continues from round r-1's export (LoRA
-merged into the UNet, fresh adapters, optimizer and schedule).
+Face Fusion trains in the rounds of `quickstart.SHIPPED_FUSION_ROUNDS` (2400 steps on 2 references twice, then 1600
+on 4 slots holding 1-4 distinct photos; --fusion-rounds N takes the first N): round r > 1 continues from round
+r-1's export (LoRA merged into the UNet, fresh adapters, optimizer and schedule).
 With --assets, OUT/model and OUT/metrics are copied to ASSETS/{model,metrics} and ASSETS/training.json records
 this command, each stage's wall time (a stage trained by an earlier run of the same OUT reports the step times
 its metrics.jsonl logged), the machine and the resolved settings. The copy must stay under --max-mb (20 MB).
@@ -51,16 +52,37 @@ def logged_train_seconds(workdir: str) -> Optional[float]:
     return float(sum(times) / len(times) * max(r["step"] for r in rows))
 
 
-def recorded_rounds(assets_dir: Path) -> tuple[dict, int]:
-    """(training record, Face Fusion rounds it made) of an assets folder; records from before rounds: 1 round."""
+def recorded_rounds(assets_dir: Path) -> tuple[dict, tuple]:
+    """(training record, the Face Fusion rounds that made it) of an assets folder. Records list their rounds
+    (`QuickstartConfig.fusion_rounds`); older ones give only a count (the shipped recipe's first rounds); records
+    from before rounds: 1 round."""
     from fusion_jax import miniature_assets as assets
+    from fusion_jax.quickstart import FusionRound, fusion_schedule
 
     record_file = assets_dir / assets.RECORD_FILE
     if not record_file.is_file():
         raise FileNotFoundError(f"--continue-from {assets_dir}: no {assets.RECORD_FILE} (the record of the "
                                 "command that made the model; continuing needs it)")
     record = json.loads(record_file.read_text())
-    return record, int(record.get("quickstart", {}).get("fusion_rounds", 1))
+    rounds = record.get("quickstart", {}).get("fusion_rounds", 1)
+    if isinstance(rounds, list):
+        return record, tuple(FusionRound(**r) for r in rounds)
+    return record, fusion_schedule(rounds=int(rounds))
+
+
+def continued_schedule(previous_assets: Path, rounds: Optional[int], steps: Optional[int],
+                       references: Optional[int], vary_references: Optional[bool]) -> tuple:
+    """The rounds of a model continued from PREVIOUS_ASSETS: its recorded rounds, then the new one (the shipped
+    recipe's next round, or its last, as the flags change it). `rounds`, when given, must count the new one."""
+    from fusion_jax.quickstart import fusion_schedule
+
+    _, earlier = recorded_rounds(previous_assets)
+    done = len(earlier)
+    if rounds is not None and rounds != done + 1:
+        raise ValueError(f"--continue-from {previous_assets} holds {done} Face Fusion round(s); --fusion-rounds "
+                         f"must be {done + 1}, got {rounds}")
+    new = fusion_schedule(rounds=done + 1, steps=steps, references=references, vary_references=vary_references)[-1]
+    return (*earlier, new)
 
 
 def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Path, dict, dict, object]:
@@ -72,11 +94,13 @@ def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Pat
     from fusion_jax import weights
     from fusion_jax.quickstart import quickstart_stage_configs
 
-    previous, done = recorded_rounds(previous_assets)
-    if cfg.fusion_rounds != done + 1:
-        raise ValueError(f"--continue-from {previous_assets} holds {done} Face Fusion round(s); --fusion-rounds "
-                         f"must be {done + 1}, got {cfg.fusion_rounds}")
-    base, fusion, model_cfg = quickstart_stage_configs(cfg, out)
+    previous, earlier = recorded_rounds(previous_assets)
+    done = len(earlier)
+    if len(cfg.fusion_rounds) != done + 1:
+        raise ValueError(f"--continue-from {previous_assets} holds {done} Face Fusion round(s); the schedule "
+                         f"must have {done + 1}, got {len(cfg.fusion_rounds)}")
+    base, fusions, model_cfg = quickstart_stage_configs(cfg, out)
+    fusion = fusions[-1]
     pipeline_dir = os.path.join(out, "pipeline")
     mm.write_miniature_pipeline(pipeline_dir, model_cfg)
     source = assets.shipped_model_dir(previous_assets)
@@ -93,7 +117,8 @@ def continue_round(cfg, out: str, previous_assets: Path, log) -> tuple[Path, Pat
     if not metrics_dir.is_dir():
         shutil.copytree(previous_assets / assets.METRICS_DIR, metrics_dir)
     stage = mm.continuation_stage(fusion, copied, pipeline_dir, out, done + 1)
-    log(f"Face Fusion round {done + 1} on {source}: {stage.train.steps} steps, trainable={stage.train.trainable}")
+    log(f"Face Fusion round {done + 1} on {source}: {stage.train.steps} steps, trainable={stage.train.trainable}, "
+        f"{stage.data.pipeline.num_references} references per example")
     timings = {mm.round_name(done + 1): mm.train_stage(stage, log)}
     model_dir = Path(out) / "model"
     if not (model_dir / "identity").is_dir() or timings[mm.round_name(done + 1)]["trained"]:
@@ -108,16 +133,19 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--assets", default=None, help="also copy the model + metric models here with training.json")
     parser.add_argument("--base-steps", type=int, default=None, help="base steps (default QuickstartConfig: 5000)")
     parser.add_argument("--fusion-steps", type=int, default=None,
-                        help="Face Fusion steps per round (default QuickstartConfig: 2400)")
+                        help="Face Fusion steps of every round trained (default: the shipped recipe's, "
+                             "quickstart.SHIPPED_FUSION_ROUNDS: 2400 / 2400 / 1600)")
     parser.add_argument("--fusion-rounds", type=int, default=None,
-                        help="Face Fusion rounds (default QuickstartConfig: 2); with --continue-from, the total "
-                             "after this round (default: the previous model's + 1)")
+                        help="the first N rounds of the shipped Face Fusion recipe (default 3); with "
+                             "--continue-from, the total after this round (default: the previous model's + 1)")
     parser.add_argument("--continue-from", default=None,
                         help="an assets folder (model/ + training.json): train only one more Face Fusion round on it")
     parser.add_argument("--fusion-references", type=int, default=None,
-                        help="reference photos per Face Fusion training example (default QuickstartConfig: 2)")
-    parser.add_argument("--vary-references", action="store_true", default=None,
-                        help="each Face Fusion training example draws 1..--fusion-references distinct photos")
+                        help="reference photos per Face Fusion training example in every round trained (default: "
+                             "the recipe's, 2 / 2 / 4)")
+    parser.add_argument("--vary-references", action=argparse.BooleanOptionalAction, default=None,
+                        help="each Face Fusion training example draws 1..--fusion-references distinct photos, in "
+                             "every round trained (default: the recipe's, only in round 3)")
     parser.add_argument("--seed", type=int, default=0, help="seeds every stage (weights, data order, metric models)")
     parser.add_argument("--max-mb", type=float, default=20.0, help="refuse to write assets larger than this")
     args = parser.parse_args(argv)
@@ -126,29 +154,35 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     from fusion_jax import miniature_assets as assets
     from fusion_jax.cli.miniature_base import _commit, _machine
     from fusion_jax.config import to_dict
-    from fusion_jax.quickstart import QuickstartConfig, quickstart_stage_configs, train_from_scratch
+    from fusion_jax.quickstart import (QuickstartConfig, fusion_schedule, quickstart_stage_configs,
+                                      train_from_scratch)
 
-    kw = {k: v for k, v in (("base_steps", args.base_steps), ("fusion_steps", args.fusion_steps),
-                            ("fusion_rounds", args.fusion_rounds), ("fusion_references", args.fusion_references),
-                            ("vary_references", args.vary_references)) if v is not None}
+    kw = {} if args.base_steps is None else {"base_steps": args.base_steps}
+    flags = dict(steps=args.fusion_steps, references=args.fusion_references, vary_references=args.vary_references)
     out = os.path.abspath(args.out)
     start = time.perf_counter()
     previous = None
     if args.continue_from:
         previous_assets = Path(args.continue_from).resolve()
         try:
-            kw.setdefault("fusion_rounds", recorded_rounds(previous_assets)[1] + 1)
-            cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, **kw)
+            schedule = continued_schedule(previous_assets, args.fusion_rounds, **flags)
+            cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, fusion_rounds=schedule, **kw)
             model_dir, metrics_dir, timings, previous, last = continue_round(cfg, out, previous_assets, print)
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        workdirs = {mm.round_name(cfg.fusion_rounds): last.workdir}
+        workdirs = {mm.round_name(len(cfg.fusion_rounds)): last.workdir}
     else:
-        cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, **kw)
+        try:
+            schedule = fusion_schedule(rounds=args.fusion_rounds, **flags)
+        except ValueError as err:
+            print(f"error: --fusion-rounds: {err}", file=sys.stderr)
+            return 1
+        cfg = QuickstartConfig(out=args.out, from_scratch=True, seed=args.seed, fusion_rounds=schedule, **kw)
         model_dir, metrics_dir, timings, last = train_from_scratch(cfg, out, print)
         workdirs = {"base": quickstart_stage_configs(cfg, out)[0].workdir,
-                    **{mm.round_name(r): os.path.join(out, mm.round_name(r)) for r in range(1, cfg.fusion_rounds + 1)}}
+                    **{mm.round_name(r): os.path.join(out, mm.round_name(r))
+                       for r in range(1, len(cfg.fusion_rounds) + 1)}}
     wall = time.perf_counter() - start
     print(f"model {model_dir}, metric models {metrics_dir} ({wall:.0f}s)")
     if not args.assets:

@@ -1,7 +1,7 @@
 """Quickstart: the miniature Face Fusion model on synthetic faces, sampled and measured, on a CPU, no download.
 
     fusion-jax quickstart --out out/quickstart                 # the shipped model: a few minutes on 2 CPU cores
-    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage (about 70 min on 2 cores)
+    fusion-jax quickstart --out out/scratch --from-scratch     # trains every stage (about 100 min on 2 cores)
     fusion-jax quickstart --out /tmp/q --fast                  # seconds: tiny stages from scratch (smoke test)
 
 (`python infer/quickstart.py ...` in a source checkout is the same program.)
@@ -29,10 +29,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--assets", default=None, help="folder of a shipped model (default fusion_jax/assets/miniature)")
     parser.add_argument("--steps", type=int, default=None, help="from scratch: base-model steps (default 5000)")
     parser.add_argument("--fusion-steps", type=int, default=None,
-                        help="from scratch: Face Fusion steps per round (default 2400)")
+                        help="from scratch: Face Fusion steps of every round (default: the shipped recipe's, "
+                             "2400 / 2400 / 1600)")
     parser.add_argument("--fusion-rounds", type=int, default=None,
-                        help="from scratch: Face Fusion rounds, each continuing from the previous one's export "
-                             "(default 2)")
+                        help="from scratch: the first N rounds of the shipped Face Fusion recipe, each continuing "
+                             "from the previous one's export (default 3)")
     parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 32)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
@@ -47,28 +48,30 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                              "2-level 8/16-channel UNet, 2 identities, fast metric models")
     args = parser.parse_args(argv)
 
-    from fusion_jax.quickstart import QuickstartConfig, quickstart
+    from fusion_jax.quickstart import QuickstartConfig, fusion_schedule, quickstart
 
     kw: dict = {}
     if args.fast:
-        kw = dict(from_scratch=True, base_steps=4, fusion_steps=4, batch_size=8, widths=(8, 16), identities=2,
-                  prompts=2, grid_rows=4, grid_scale=2, sample_steps=2, metric_setup="fast", two_people=1)
+        kw = dict(from_scratch=True, base_steps=4, fusion_rounds=fusion_schedule(rounds=2, steps=4), batch_size=8,
+                  widths=(8, 16), identities=2, prompts=2, grid_rows=4, grid_scale=2, sample_steps=2,
+                  metric_setup="fast", two_people=1)
     if args.from_scratch:
         kw["from_scratch"] = True
     if args.assets is not None:
         kw["assets"] = args.assets
     if args.steps is not None:
         kw["base_steps"] = args.steps
-    if args.fusion_steps is not None:
-        kw["fusion_steps"] = args.fusion_steps
-    if args.fusion_rounds is not None:
-        kw["fusion_rounds"] = args.fusion_rounds
     for name in ("identities", "prompts", "sample_steps", "seed", "guidance", "reference_scale"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
-    for name in ("base_steps", "fusion_steps", "fusion_rounds", "identities", "prompts", "sample_steps"):
-        if name in kw and kw[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
+    for flag, value in (("--steps", args.steps), ("--fusion-steps", args.fusion_steps),
+                        ("--fusion-rounds", args.fusion_rounds), ("--identities", args.identities),
+                        ("--prompts", args.prompts), ("--sample-steps", args.sample_steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.fusion_steps is not None or args.fusion_rounds is not None:
+        recipe = kw.get("fusion_rounds", QuickstartConfig.__dataclass_fields__["fusion_rounds"].default)
+        kw["fusion_rounds"] = fusion_schedule(rounds=args.fusion_rounds, steps=args.fusion_steps, recipe=recipe)
     if kw.get("guidance", 1.0) < 1.0:
         parser.error(f"--guidance must be >= 1 (1 = no guidance), got {kw['guidance']}")
     if kw.get("reference_scale", 0.0) < 0.0:

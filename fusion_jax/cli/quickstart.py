@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser.add_argument("--fusion-rounds", type=int, default=None,
                         help="from scratch: the first N rounds of the shipped Face Fusion recipe, each continuing "
                              "from the previous one's export (default 3)")
-    parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 32)")
+    parser.add_argument("--identities", type=int, default=None, help="held-out identities evaluated (default 64)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per identity (default 4, at most 6)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 20)")
     parser.add_argument("--guidance", type=float, default=None, help="text guidance scale (default 5.5)")

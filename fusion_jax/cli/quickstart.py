@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                              "2-level 8/16-channel UNet, 2 identities, fast metric models")
     args = parser.parse_args(argv)
 
-    from fusion_jax.quickstart import QuickstartConfig, fusion_schedule, quickstart
+    from fusion_jax.quickstart import SHIPPED_FUSION_ROUNDS, QuickstartConfig, fusion_schedule, quickstart
 
     kw: dict = {}
     if args.fast:
@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         if value is not None and value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.fusion_steps is not None or args.fusion_rounds is not None:
-        recipe = kw.get("fusion_rounds", QuickstartConfig.__dataclass_fields__["fusion_rounds"].default)
+        recipe = kw.get("fusion_rounds", SHIPPED_FUSION_ROUNDS)
         kw["fusion_rounds"] = fusion_schedule(rounds=args.fusion_rounds, steps=args.fusion_steps, recipe=recipe)
     if kw.get("guidance", 1.0) < 1.0:
         parser.error(f"--guidance must be >= 1 (1 = no guidance), got {kw['guidance']}")

@@ -383,12 +383,13 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
                   guidance: float, reference_guidance: str, reference_scale: float, batch: int, seed: int,
                   reference_max_timestep: Optional[int] = None, scheduler: str = "ddim", progress=None,
                   sampler: Optional[Callable] = None,
-                  boxes: Optional[np.ndarray] = None) -> np.ndarray:
+                  boxes: Optional[np.ndarray] = None, style_images: Optional[np.ndarray] = None) -> np.ndarray:
     """Generated uint8 images (M, H, W, 3): 0 references (text only) or the first `num_references` references.
     The same initial noise per row for every setting (only the conditioning changes). `boxes` (M, K, 4): pixel
     boxes of each row's face(s) in the generated image, for methods that read them (with references only).
     `reference_max_timestep`: reference guidance only while t <= it (None: every step); `scheduler`: the
-    sampler (`SamplingConfig.scheduler`)."""
+    sampler (`SamplingConfig.scheduler`); `style_images` (M, H, W, 3) uint8: each row's style image (FaceStudio's
+    style branch; with references only)."""
     from fusion_jax.sampling import SamplingConfig, generate, latent_shape, tokenize
 
     size = eval_set.target_images.shape[2]
@@ -407,8 +408,12 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
         if pad:
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
             noise = np.concatenate([noise, np.repeat(noise[-1:], pad, 0)])
-        refs = row_boxes = embeddings = None
+        refs = row_boxes = embeddings = styles = None
         if num_references:
+            if style_images is not None:
+                styles = to_unit(style_images[lo:hi])
+                if pad:
+                    styles = np.concatenate([styles, np.repeat(styles[-1:], pad, 0)])
             refs = to_unit(eval_set.reference_crops[lo:hi, :num_references])
             row_boxes = None if boxes is None else np.asarray(boxes[lo:hi], np.float32)
             if eval_set.reference_embeddings is not None:  # (B, K=1, N, 512)
@@ -423,10 +428,11 @@ def sample_images(pipeline, identity_cfg, eval_set: EvalSet, num_references: int
         if sampler is not None:
             images = sampler(pipeline, ids, key=key, cfg=cfg, noise=noise, references=refs, identity_cfg=identity_cfg,
                              **({"boxes": row_boxes} if row_boxes is not None else {}),
-                             **({"face_embeddings": embeddings} if embeddings is not None else {}))
+                             **({"face_embeddings": embeddings} if embeddings is not None else {}),
+                             **({"style_images": styles} if styles is not None else {}))
         else:
             images = generate(pipeline, ids, key=key, cfg=cfg, noise=jnp.asarray(noise), references=refs,
-                              boxes=row_boxes, face_embeddings=embeddings,
+                              boxes=row_boxes, face_embeddings=embeddings, style_images=styles,
                               identity_cfg=identity_cfg if refs is not None else None)
         out.append(np.asarray(images)[: hi - lo])
         if progress is not None:

@@ -276,6 +276,7 @@ def generate(
     face_embeddings=None,
     init_images=None,
     identity_masks=None,
+    style_images=None,
 ) -> jax.Array:
     """Generate one image per row of `input_ids` (B, L) int32; `uncond_ids` defaults to the empty prompt.
 
@@ -297,6 +298,8 @@ def generate(
         (IP-Adapter-FaceID, FaceStudio).
       identity_masks: (B, K, height, width) bool instance masks of each person's region (instead of boxes), for
         the methods with region masks (`accepts_identity_masks`: Face Fusion, FaceStudio, IP-Adapter-FaceID).
+      style_images: (B, H, W, 3) style images in [-1, 1], one per row, for the methods with a style input
+        (`accepts_style_images`: FaceStudio; it resizes them to its style tower's input).
 
     img2img: `init_images` (B, height, width, 3) in [-1, 1]: the loop starts at `cfg.start_step` from their VAE
     latents (posterior mean; diffusers samples the posterior) noised to that step with `noise`. An identity method
@@ -305,7 +308,8 @@ def generate(
     compile_key, args = _prepare(
         pipeline, input_ids, key=key, cfg=cfg, uncond_ids=uncond_ids, noise=noise, mesh=mesh, references=references,
         reference_valid=reference_valid, strength=strength, boxes=boxes, identity_cfg=identity_cfg,
-        fusion_cfg=fusion_cfg, face_embeddings=face_embeddings, init_images=init_images, identity_masks=identity_masks)
+        fusion_cfg=fusion_cfg, face_embeddings=face_embeddings, init_images=init_images, identity_masks=identity_masks,
+        style_images=style_images)
     return _compiled(*compile_key)(*args)
 
 
@@ -327,6 +331,7 @@ def _prepare(
     face_embeddings=None,
     init_images=None,
     identity_masks=None,
+    style_images=None,
 ) -> tuple[tuple, tuple]:
     """`generate`'s host side: checks the request and returns (the compile key of `_compiled`, its arguments)."""
     runtime.enable_compilation_cache()
@@ -368,11 +373,13 @@ def _prepare(
     if references is not None:
         from fusion_jax.identity.base import ReferenceRequest
 
-        request = ReferenceRequest(references, reference_valid, strength, boxes, face_embeddings, identity_masks)
+        request = ReferenceRequest(references, reference_valid, strength, boxes, face_embeddings, identity_masks,
+                                   style_images)
         identity_cfg = _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch)
     elif boxes is not None or reference_valid is not None or face_embeddings is not None \
-            or identity_masks is not None:
-        raise ValueError("boxes / reference_valid / face_embeddings / identity_masks given without references")
+            or identity_masks is not None or style_images is not None:
+        raise ValueError("boxes / reference_valid / face_embeddings / identity_masks / style_images given without "
+                         "references")
     else:
         identity_cfg = None  # text only: the identity method takes no part (and is not part of the compile key)
     if init_images is not None:
@@ -471,6 +478,14 @@ def _identity_inputs(pipeline, cfg, inputs, request, identity_cfg, batch):
     if request.masks is not None and not method.accepts_identity_masks:
         raise ValueError(f"identity_masks: {method.display_name or method.name} takes no instance masks (boxes "
                          "only)")
+    if request.style_images is not None:
+        if not method.accepts_style_images:
+            raise ValueError(f"style_images: {method.display_name or method.name} takes no style image")
+        styles = np.asarray(request.style_images, np.float32)
+        if styles.ndim != 4 or styles.shape[0] != batch or styles.shape[-1] != 3:
+            raise ValueError(f"style_images must be (B={batch}, H, W, 3) images in [-1, 1], one per row; got shape "
+                             f"{np.shape(request.style_images)}")
+        request = dataclasses.replace(request, style_images=styles)
     refs = jnp.asarray(request.references, jnp.float32)
     if refs.ndim == 5:
         refs = refs[:, None]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from fusion_jax import miniature as mm
+from fusion_jax import miniature_style
 from fusion_jax.data import synthfaces
 
 
@@ -38,6 +39,8 @@ class Variant:
     region_masks: bool = False  # takes one box per person (the two-people test runs on it)
     face_box: bool = False  # is told where the face goes (a box per image; FlashFace's mask channel): the mean
     #                         face box of the held-out photos
+    style_tower: bool = False  # reads the miniature's style tower (OUT/style_tower, trained once per folder by
+    #                            miniature_style; {style_tower} / {text_width} in the overrides)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -67,15 +70,22 @@ VARIANTS: dict[str, Variant] = {
     "flashface": Variant("FlashFace (reference feature maps)", (
         "objective.name=flashface", "flashface.reference_size={reference_size}", "train.trainable=reference"),
         face_box=True),
+    # FaceStudio: tokens from [style image embedding || recognition embedding] through one linear layer, trained by
+    # reconstruction with the face-masked photo as the style input; the text branch is the pooled text state the
+    # style tower was trained to meet (text_branch=direct); adapter + LoRA (the paper's lighter recipe)
+    "facestudio": Variant("FaceStudio (hybrid style / identity tokens)", (
+        "objective.name=facestudio", "train.trainable=adapter+lora", "data.synthfaces.recognition_embedding=true",
+        "facestudio.style_encoder={style_tower}", "facestudio.style_dim={text_width}",
+        "facestudio.text_branch=direct"), style_tower=True),
 }
 REFERENCE_VARIANT = "decoupled_fixed"  # the compute budget is counted in this variant's steps
 SINGLE_CFG_VARIANT = "flashface"  # also sampled with single CFG (FlashFace's disentangled-guidance claim)
 
-# Registered methods the miniature cannot train, and why (reported in the table's notes).
-NOT_IN_MINIATURE = {
-    "facestudio": "needs a CLIP vision tower for its style input (and a prior for its text branch); the "
-                  "miniature has no trained image tower, so the style branch would read random features",
-}
+STYLE_VARIANT = "facestudio"  # also sampled over the alpha sweep with contradicting style images (style_sweep)
+STYLE_TOWER_DIR = "style_tower"  # under OUT: the miniature style tower (miniature_style.train_style_tower)
+
+# Registered methods the miniature cannot train, and why (reported in the table's notes); none at present.
+NOT_IN_MINIATURE: dict[str, str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +106,7 @@ class EvaluationConfig:
     two_people: int = 4  # pairs of identities in one image (region test), 0 = skip
     metric_setup: str = "default"  # metric models: 'default' | 'fast' (tests)
     seed: int = 0  # seeds every stage as the quickstart's --seed: weights, data order, metric models, sampling
+    style_tower_steps: int = miniature_style.StyleTowerConfig().steps  # FaceStudio's style tower training steps
     figures_dir: str = ""  # also copy the PNG plots here (docs/)
     results_md: str = ""  # also write the section between this file's evaluate markers (benchmarks/RESULTS.md)
 
@@ -103,6 +114,7 @@ class EvaluationConfig:
 RESULTS_BEGIN = "<!-- evaluate.py section: begin -->"
 RESULTS_END = "<!-- evaluate.py section: end -->"
 PLOTS = ("evaluation_identity_vs_prompt.png", "evaluation_sim_target_vs_references.png")
+ALPHA_PLOT = "evaluation_facestudio_alpha.png"  # only when the run has the facestudio variant
 
 
 # ------------------------------------------------------------------------------------------------- compute
@@ -126,9 +138,10 @@ def variant_config(cfg: EvaluationConfig, out: str, name: str, steps: int):
     """The training config of variant `name` with `steps` steps, in its own workdir OUT/fusion_<name> (never a
     quickstart folder's 'fusion': that run has the quickstart's length and rounds, not this budget)."""
     workdir = f"fusion_{name}"
-    _, probe, _ = stage_configs(cfg, out, steps)
-    size = probe.data.pipeline.reference_size
-    overrides = [o.format(reference_size=size) for o in VARIANTS[name].overrides]
+    _, probe, model_cfg = stage_configs(cfg, out, steps)
+    fill = {"reference_size": probe.data.pipeline.reference_size, "text_width": model_cfg.text_width,
+            "style_tower": os.path.join(out, STYLE_TOWER_DIR)}
+    overrides = [o.format(**fill) for o in VARIANTS[name].overrides]
     _, fusion, _ = stage_configs(cfg, out, steps, (*overrides, f"workdir={os.path.join(out, workdir)}"))
     return fusion
 
@@ -234,6 +247,25 @@ def sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg: EvaluationC
     return images, per_image_scores(metrics, images, eval_set, n)
 
 
+def alpha_sweep(pipeline, identity_cfg, metrics, eval_set: mm.EvalSet, cfg: EvaluationConfig, faces
+                ) -> dict[str, dict[str, np.ndarray]]:
+    """FaceStudio with 1 reference and each row's contradicting style photo at every style_sweep.ALPHAS: the
+    table's scores plus style / text fidelity per image (same rows and initial noise at every alpha)."""
+    from fusion_jax import style_sweep
+    from fusion_jax.quickstart import per_image_scores
+
+    styles, style_labels = style_sweep.contradicting_styles(eval_set, faces, cfg.seed)
+    rows = {}
+    for alpha in style_sweep.ALPHAS:
+        images = mm.sample_images(pipeline, dataclasses.replace(identity_cfg, alpha=float(alpha)), eval_set, 1,
+                                  steps=cfg.sample_steps, guidance=cfg.guidance, reference_guidance="disentangled",
+                                  reference_scale=cfg.reference_scale, batch=min(16, len(eval_set.captions)),
+                                  seed=cfg.seed, style_images=styles)
+        rows[style_sweep.row_name(alpha)] = {**per_image_scores(metrics, images, eval_set, 1),
+                                             **style_sweep.fidelity_scores(metrics, images, eval_set, style_labels)}
+    return rows
+
+
 def contradicting_rows(eval_set: mm.EvalSet, attribute: str) -> np.ndarray:
     """Rows whose prompted `attribute` differs from the (first) reference photo's: prompts against the reference."""
     a = synthfaces.ATTRIBUTE_NAMES.index(attribute)
@@ -309,8 +341,9 @@ def check_claims(per_image: dict[str, dict[str, np.ndarray]], eval_set: mm.EvalS
                 f"better than single CFG", "flashface_1", "flashface_1_cfg", f"prompt_accuracy_{attribute}",
                 rows=rows, what=f" on the {int(rows.sum())} rows whose prompted {attribute} differs from the "
                                 f"reference's")
-    claims.append({"claim": "FaceStudio: the alpha sweep trades style-image fidelity for text fidelity",
-                   "verdict": "not testable here", "figure": "FaceStudio " + NOT_IN_MINIATURE["facestudio"]})
+    from fusion_jax import style_sweep
+
+    claims.append(style_sweep.trade_off_claim(per_image, groups, seed))
     return claims
 
 
@@ -329,6 +362,8 @@ def row_label(row: str) -> str:
     """'decoupled_fixed_4' -> 'Face Fusion (decoupled, fixed t), 4 references'."""
     if row == "no_reference":
         return "no reference (base model)"
+    if row.startswith("facestudio_alpha"):
+        return f"{VARIANTS['facestudio'].label}, 1 reference, contradicting style image, alpha {row[16:]}"
     if row.endswith("_1_cfg"):
         return f"{VARIANTS[row[: -len('_1_cfg')]].label}, 1 reference, single CFG"
     name, n = row.rsplit("_", 1)
@@ -338,7 +373,8 @@ def row_label(row: str) -> str:
 def results_table(summary: dict[str, dict], keys: Sequence[str] = TABLE_KEYS) -> str:
     lines = ["| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for row, values in summary.items():
-        cells = [f"{values[k]:.3f} [{values[k + '_ci95'][0]:.3f}, {values[k + '_ci95'][1]:.3f}]" for k in keys]
+        cells = [f"{values[k]:.3f} [{values[k + '_ci95'][0]:.3f}, {values[k + '_ci95'][1]:.3f}]" if k in values
+                 else "" for k in keys]
         lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -363,6 +399,10 @@ def write_plots(out: Path, summary: dict[str, dict], variants: Sequence[str]) ->
     scatter_png(paths[0], scatter, "prompt accuracy", "SimTarget",
                 "identity similarity vs prompt accuracy (1 and 4 references)")
     scatter_png(paths[1], curve, "number of references", "SimTarget", "SimTarget vs number of references")
+    from fusion_jax import style_sweep
+
+    if style_sweep.write_plot(out / ALPHA_PLOT, summary):
+        paths.append(out / ALPHA_PLOT)
     return paths
 
 
@@ -379,7 +419,7 @@ def report_markdown(cfg: EvaluationConfig, doc: dict[str, Any]) -> str:
         f"{cfg.sample_steps}, text guidance {cfg.guidance}, reference guidance {cfg.reference_scale} "
         f"(disentangled unless the row says single CFG). Brackets: 95% bootstrap interval over identities.",
         "",
-        results_table(doc["summary"]),
+        results_table({r: v for r, v in doc["summary"].items() if not r.startswith("facestudio_alpha")}),
         "",
         "| method | GFLOP per training step | steps | wall s (training) |",
         "|---|---|---|---|",
@@ -387,17 +427,38 @@ def report_markdown(cfg: EvaluationConfig, doc: dict[str, Any]) -> str:
     for v in cfg.variants:
         lines.append(f"| {VARIANTS[v].label} | {compute['gflop_per_step'][v]:.2f} | {compute['steps'][v]} | "
                      f"{doc['timings'][v]['seconds']:.0f} |")
+    sweep = {r: v for r, v in doc["summary"].items() if r.startswith("facestudio_alpha")}
+    if sweep:
+        lines += ["", "FaceStudio's alpha sweep (style fidelity / text fidelity: the background colour and pattern "
+                      "read as the style image's / the prompt's, which always differ):", "",
+                  results_table(sweep, ("style_fidelity", "text_fidelity", "sim_target", "prompt_accuracy"))]
     real = doc["real_photos"]
     lines += ["", f"Real held-out photos: same-person similarity {real['real_photo_same_person_similarity']:.3f}, "
                   f"other-person {real['real_photo_other_person_similarity']:.3f}; embedder verification accuracy "
                   f"{doc['embedder_verification_accuracy']:.3f}; reader accuracy on real photos "
-                  f"{doc['reader_accuracy_real_photos']:.3f}. Not in the miniature: "
-                  + "; ".join(f"{k} ({why})" for k, why in NOT_IN_MINIATURE.items()) + ".",
+                  f"{doc['reader_accuracy_real_photos']:.3f}."
+                  + (" Not in the miniature: " + "; ".join(f"{k} ({why})" for k, why in NOT_IN_MINIATURE.items())
+                     + "." if NOT_IN_MINIATURE else "")
+                  + style_tower_note(doc.get("style_tower")),
               "", "Claims of the seed papers:", "", "| claim | verdict | deciding figure |", "|---|---|---|"]
     for c in doc["claims"]:
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['figure']} |")
-    lines += ["", f"Plots: {', '.join(PLOTS)}. Wall time of this run: {doc['wall_s'] / 60:.1f} min."]
+    plots = PLOTS + ((ALPHA_PLOT,) if any(r.startswith("facestudio_alpha") for r in doc["summary"]) else ())
+    lines += ["", f"Plots: {', '.join(plots)}. Wall time of this run: {doc['wall_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def style_tower_note(record: Optional[dict]) -> str:
+    """The style tower's line in the report: its training and held-out background retrieval."""
+    if not record:
+        return ""
+    r = record["heldout_background_retrieval"]
+    return (f" FaceStudio's style tower (miniature_style: a {record['settings']['tower']['layers']}-layer CLIP ViT "
+            f"trained {record['steps']} steps against the frozen text encoder, {record['seconds']:.0f} s) retrieves "
+            f"held-out masked photos' background colour / pattern / both among the 24 background captions at "
+            f"{r['colour']:.3f} / {r['pattern']:.3f} / {r['both']:.3f} (chance 0.167 / 0.250 / 0.042); the "
+            f"FaceStudio rows with references use alpha 1 and no style image (the condition training saw with the "
+            f"style dropped), the alpha rows a style photo whose background contradicts the prompt.")
 
 
 def replace_section(path: str, section: str) -> None:
@@ -440,6 +501,13 @@ def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print,
         cfg.metric_setup, base.data.synthfaces.image_size, cfg.seed))
     eval_set = mm.build_eval_set(base.data.synthfaces, cfg.identities, cfg.prompts)
 
+    style_record = None
+    if any(VARIANTS[v].style_tower for v in cfg.variants):  # before the FLOP count: the step runs the tower
+        t = time.perf_counter()
+        style_record = miniature_style.train_style_tower(
+            os.path.join(out, STYLE_TOWER_DIR), os.path.join(out, "base_pipeline"), base.data.synthfaces,
+            miniature_style.StyleTowerConfig(steps=cfg.style_tower_steps, seed=cfg.seed), log)
+        timings["style_tower_s"] = time.perf_counter() - t
     log("FLOPs per training step (XLA cost analysis of the lowered step):")
     flops = measure_flops(cfg, out, sorted({REFERENCE_VARIANT, *cfg.variants}), log)
     steps = plan_steps(flops, cfg.fusion_steps)
@@ -461,9 +529,13 @@ def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print,
         identity_cfg = mm.run_identity_config(run_config)
         boxes = mean_face_boxes(eval_set) if VARIANTS[name].face_box else None
         t = time.perf_counter()
+        if name == STYLE_VARIANT:  # the identity rows: no style image, alpha 1 (training's style-dropped input)
+            styled_cfg, identity_cfg = identity_cfg, dataclasses.replace(identity_cfg, alpha=1.0)
         for n in (1, 4):
             _, per_image[f"{name}_{n}"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, n,
                                                            boxes=boxes)
+        if name == STYLE_VARIANT:
+            per_image.update(alpha_sweep(pipeline, styled_cfg, metrics, eval_set, cfg, base.data.synthfaces))
         if name == SINGLE_CFG_VARIANT:  # single CFG on the same rows: the disentangled-guidance claim
             _, per_image[f"{name}_1_cfg"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, 1, "cfg",
                                                              boxes=boxes)
@@ -482,7 +554,7 @@ def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print,
                     "budget_tflop": cfg.fusion_steps * flops[REFERENCE_VARIANT] / 1e12,
                     "how": "XLA cost analysis of each method's lowered training step, batch "
                            f"{cfg.batch_size}; steps = budget / FLOPs per step"},
-        "real_photos": mm.real_photo_reference_scores(metrics, eval_set),
+        "real_photos": mm.real_photo_reference_scores(metrics, eval_set), "style_tower": style_record,
         "embedder_verification_accuracy": metrics.report["verification"]["verification_accuracy"],
         "reader_accuracy_real_photos": metrics.report["reader_accuracy"]["mean"],
         "eval_identities": int(len(set(eval_set.identity_ids.tolist()))),

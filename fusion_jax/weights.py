@@ -532,6 +532,18 @@ def save_text_encoder(model, path) -> Path:
     return Path(path)
 
 
+def save_vision_encoder(model, path) -> Path:
+    """Write a transformers CLIPVisionModel(WithProjection) folder (config.json + model.safetensors) that
+    `CLIPVisionModelWithProjection.from_pretrained` and `load_vision_encoder` read (the miniature's style tower)."""
+    from fusion_jax.models import clip
+
+    arch = "CLIPVisionModelWithProjection" if isinstance(model, clip.CLIPVisionModelWithProjection) \
+        else "CLIPVisionModel"
+    config = {"architectures": [arch], **model.config.to_dict()}
+    write_component(path, config, state_dict(model), TRANSFORMERS_WEIGHTS + ".safetensors")
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Single-file (WebUI / original LDM layout) checkpoints
 # ----------------------------------------------------------------------------------------------------------

@@ -265,6 +265,22 @@ def test_inside_the_jitted_sampler(tmp_path):
     print(f"strength 0 vs text-to-image rel_l2 {rel_l2(off, text_only):.1e}")
     assert rel_l2(off, text_only) < 1e-5
     assert np.isfinite(on_a).all() and rel_l2(on_a, text_only) > 1e-3
+    # the same style image given per row with the request (ReferenceRequest.style_images, [-1, 1] at the tower's
+    # input size) is the same input as the file: same image (the file is decoded and cropped the same way)
+    from fusion_jax.data.images import read_centre_crop
+
+    per_row = read_centre_crop(style_a, 32, 32, "style")[None] * 2.0 - 1.0
+    on_rows = run(dataclasses.replace(cfg_fs, style_image=None), strength=1.0, style_images=per_row)
+    print(f"per-row style vs file rel_l2 {rel_l2(on_rows, on_a):.1e}")
+    assert rel_l2(on_rows, on_a) < 1e-5
+    with pytest.raises(ValueError, match=r"style_images must be \(B=1, H, W, 3\)"):
+        run(cfg_fs, style_images=per_row[0])
+    with pytest.raises(ValueError, match="given without references"):
+        sampling.generate(pipe, ids, key=jax.random.key(0), cfg=cfg, style_images=per_row)
+    from fusion_jax.identity.fusion import FusionConfig
+
+    with pytest.raises(ValueError, match="style_images: Face Fusion takes no style image"):
+        run(FusionConfig(), style_images=per_row)
 
 
 def test_prior_text_branch(tmp_path):

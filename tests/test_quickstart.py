@@ -190,10 +190,11 @@ def _evaluate_main():
 
 # the quickstart's --fast stages (fusion_jax/cli/quickstart.py); FlashFace and the single-token baseline are left out
 # here for time (their training / sampling paths on the 12-channel miniature: test_flashface.py, and the full run);
-# IP-Adapter-FaceID is in: its rows read the recognition embedding end to end (stream -> training -> sampling)
+# IP-Adapter-FaceID is in: its rows read the recognition embedding end to end (stream -> training -> sampling);
+# FaceStudio too: its style tower is trained (4 steps), read by its training step and by the alpha sweep
 REDUCED_EVALUATION = ["base_steps=4", "fusion_steps=4", "batch_size=8", "widths=[8,16]", "identities=2",
-                      "prompts=2", "sample_steps=2", "metric_setup=fast", "two_people=0",
-                      "variants=[decoupled_fixed,ip_adapter_faceid]"]
+                      "prompts=2", "sample_steps=2", "metric_setup=fast", "two_people=0", "style_tower_steps=4",
+                      "variants=[decoupled_fixed,ip_adapter_faceid,facestudio]"]
 
 
 def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path):
@@ -222,8 +223,16 @@ def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path)
     assert (out / "fusion_decoupled_fixed" / "checkpoints" / "4").is_dir()
 
     assert doc["timings"]["ip_adapter_faceid"]["step"] == faceid_steps
+    from fusion_jax import style_sweep
+
+    sweep = {style_sweep.row_name(a) for a in style_sweep.ALPHAS}
     assert set(doc["summary"]) == {"no_reference", "decoupled_fixed_1", "decoupled_fixed_4", "ip_adapter_faceid_1",
-                                   "ip_adapter_faceid_4"}
+                                   "ip_adapter_faceid_4", "facestudio_1", "facestudio_4"} | sweep
+    # FaceStudio reads the style tower trained in this folder (its record is in the report), at equal FLOPs
+    assert doc["style_tower"]["steps"] == 4 and (out / "style_tower" / "model.safetensors").is_file()
+    assert doc["timings"]["facestudio"]["step"] == compute["steps"]["facestudio"] >= 1
+    for row in sweep:
+        assert set(doc["per_image"][row]) >= {"style_fidelity", "text_fidelity", "sim_target"}
     for row, values in doc["summary"].items():
         for key in sr.TABLE_KEYS:
             low, high = values[key + "_ci95"]
@@ -238,13 +247,20 @@ def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path)
     per_image = doc["per_image"]
     assert four_vs_one["difference"] == pytest.approx(
         np.mean(np.subtract(per_image["decoupled_fixed_4"]["sim_target"], per_image["decoupled_fixed_1"]["sim_target"])))
+    alpha = next(c for c in doc["claims"] if "alpha sweep" in c["claim"])
+    assert alpha["verdict"] in ("held", "not held")
+    assert alpha["difference"] == pytest.approx(np.mean(np.subtract(
+        per_image["facestudio_alpha1.00"]["style_fidelity"], per_image["facestudio_alpha0.00"]["style_fidelity"])))
+    assert alpha["text_difference"] == pytest.approx(np.mean(np.subtract(
+        per_image["facestudio_alpha0.00"]["text_fidelity"], per_image["facestudio_alpha1.00"]["text_fidelity"])))
     for claim in ("region", "single embedding token", "single CFG"):  # rows not in this run
         assert all(v == "not testable here" for c, v in verdicts.items() if claim in c), claim
 
     markdown = (out / "evaluation.md").read_text()
     assert "Face Fusion (decoupled, fixed t), 4 references" in markdown and "**not testable here**" in markdown
     assert markdown in results.read_text() and results.read_text().startswith("# Results\n")
-    for name in sr.PLOTS:
+    assert "FaceStudio's alpha sweep" in markdown and "alpha 0.50" in markdown
+    for name in (*sr.PLOTS, sr.ALPHA_PLOT):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

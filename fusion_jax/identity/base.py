@@ -56,6 +56,9 @@ class ReferenceRequest:
     # (B, K, H, W) bool instance masks of each person's region in the generated image (an alternative to boxes
     # for the methods with region masks; `identity.fusion.region_masks_from_pixels`)
     masks: Any = None
+    # (B, H, W, 3) style images in [-1, 1], one per row, for the methods that read one (`accepts_style_images`:
+    # FaceStudio's style branch); None = the method config's own (e.g. `facestudio.style_image`) or none
+    style_images: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class IdentityMethod:
     batch_keys: ClassVar[tuple[str, ...]] = ()  # image-stream fields its loss reads beyond the generic batch
     display_name: ClassVar[str] = ""  # human name for messages and tables ('Face Fusion')
     accepts_identity_masks: ClassVar[bool] = False  # whether `sampling_inputs` reads `ReferenceRequest.masks`
+    accepts_style_images: ClassVar[bool] = False  # whether `sampling_inputs` reads `ReferenceRequest.style_images`
 
     # ---------------------------------------------------------------------------------------------- model
     def attach(self, unet, cfg, *, trainable: str = "all", rngs=None):

@@ -40,7 +40,8 @@ Our choices (the paper has no public code):
 At sampling time the ArcFace embeddings come with the request (`ReferenceRequest.face_embeddings`, from the CLI's
 face detector) or from a .npy file (`facestudio.face_embeddings`, `--face-embeddings`: insightface cannot run inside
 the jitted sampler) and the style image from a file (`facestudio.style_image`,
-`--style-image`), encoded inside the jitted function by the adapter's CLIP vision tower (`style_encoder`).
+`--style-image`) or one per row with the request (`ReferenceRequest.style_images`, `generate(style_images=...)`),
+encoded inside the jitted function by the adapter's CLIP vision tower (`style_encoder`).
 """
 
 from __future__ import annotations
@@ -494,6 +495,7 @@ class FaceStudio(IdentityMethod):
     batch_keys = ("face_embedding", "masked_target")  # the image stream's; the style encoder runs in the step
     display_name = "FaceStudio"
     accepts_identity_masks = True  # regions from instance masks as well as boxes
+    accepts_style_images = True  # one style image per row (ReferenceRequest.style_images) wins over style_image
 
     def attach(self, unet, cfg: FaceStudioConfig, *, trainable: str = "all", rngs=None):
         attach_adapter(unet, cfg, rngs=rngs)
@@ -551,7 +553,12 @@ class FaceStudio(IdentityMethod):
                              "(facestudio.betas)")
         out = {"face_embeds": jnp.asarray(emb),
                "strength": strength_array(cfg.strength if request.strength is None else request.strength, batch, k)}
-        if cfg.style_image is not None:
+        if request.style_images is not None:  # one per row, in [-1, 1]
+            if cfg.img2img:
+                raise ValueError("facestudio.img2img starts from facestudio.style_image; per-row style_images "
+                                 "are not an img2img start")
+            out["style_pixels"] = clip_pixels(request.style_images, style_input_size(_adapter(model), cfg))
+        elif cfg.style_image is not None:
             size = style_input_size(_adapter(model), cfg)  # the towers' input size wins over facestudio.style_size
             pixels = load_style_image(cfg.style_image, size, what="facestudio.style_image")
             out["style_pixels"] = jnp.broadcast_to(jnp.asarray(pixels), (batch,) + pixels.shape)

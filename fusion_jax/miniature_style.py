@@ -133,6 +133,18 @@ def _settings(cfg: StyleTowerConfig, faces: SynthFaceConfig, pipeline_dir: str) 
             "text_encoder": os.path.abspath(os.path.join(pipeline_dir, "text_encoder"))}
 
 
+def _same_settings(saved: Any, wanted: dict[str, Any]) -> bool:
+    """Whether a saved tower's settings are `wanted`; SynthFaceConfig fields added since it was saved count as
+    their defaults (what that run used), as `config.load_config` reads an older config file."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("synthfaces"), dict):
+        return False
+    try:
+        faces = dataclasses.asdict(SynthFaceConfig(**saved["synthfaces"]))
+    except (TypeError, ValueError):
+        return False
+    return {**saved, "synthfaces": faces} == json.loads(json.dumps(wanted))
+
+
 def train_style_tower(out_dir: str | os.PathLike, pipeline_dir: str | os.PathLike, faces: SynthFaceConfig,
                       cfg: StyleTowerConfig = StyleTowerConfig(), log: Callable[[str], None] = print
                       ) -> dict[str, Any]:
@@ -149,7 +161,7 @@ def train_style_tower(out_dir: str | os.PathLike, pipeline_dir: str | os.PathLik
     settings = _settings(cfg, faces, str(pipeline_dir))
     if record_path.is_file() and (out_dir / "model.safetensors").is_file():
         record = json.loads(record_path.read_text())
-        if record.get("settings") == json.loads(json.dumps(settings)):
+        if _same_settings(record.get("settings"), settings):
             log(f"style tower: reusing {out_dir}")
             return record
         raise ValueError(f"{out_dir} holds a style tower trained with other settings; use another folder or "

@@ -12,6 +12,7 @@ paired difference whose 95% bootstrap interval over identities lies above 0.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,24 @@ from fusion_jax.data import synthfaces
 from fusion_jax.miniature_style import STYLE_ATTRIBUTES  # what a face-masked photo shows
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # hybrid weights sampled (1 = style image branch only)
+_SWEEP_ROW = re.compile(r"^(.+)_alpha(\d\.\d\d)$")
 STYLE_PHOTO = 15  # which photo of the style person (the eval set's references and targets use the first ones)
 
 
-def row_name(alpha: float) -> str:
-    return f"facestudio_alpha{alpha:.2f}"
+def row_name(variant: str, alpha: float) -> str:
+    """The per-image row of `variant` sampled at `alpha`: 'facestudio_alpha0.50'."""
+    return f"{variant}_alpha{alpha:.2f}"
+
+
+def sweep_of(row: str) -> tuple[str, str] | None:
+    """(variant, alpha text) of a sweep row, None for any other row."""
+    match = _SWEEP_ROW.match(row)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def plot_name(variant: str) -> str:
+    """The sweep's plot file of `variant`."""
+    return f"evaluation_{variant}_alpha.png"
 
 
 def contradicting_styles(eval_set: mm.EvalSet, faces: synthfaces.SynthFaceConfig, seed: int
@@ -65,20 +79,23 @@ def fidelity_scores(metrics, generated: np.ndarray, eval_set: mm.EvalSet, style_
             "text_fidelity": (read[:, a] == eval_set.labels[:, a]).mean(axis=1).astype(np.float64)}
 
 
-def trade_off_claim(per_image: dict[str, dict[str, np.ndarray]], groups: np.ndarray, seed: int) -> dict[str, Any]:
-    """The claim's row for check_claims: alpha 1 - alpha 0 style fidelity and alpha 0 - alpha 1 text fidelity."""
+def trade_off_claim(per_image: dict[str, dict[str, np.ndarray]], groups: np.ndarray, seed: int,
+                    variant: str = "facestudio", label: str = "") -> dict[str, Any]:
+    """The claim's row for check_claims: `variant`'s alpha 1 - alpha 0 style fidelity and alpha 0 - alpha 1 text
+    fidelity (`label` names the variant in the claim when a run has several)."""
     from fusion_jax.synth_reproduction import paired_difference
 
-    claim = "FaceStudio: the alpha sweep trades style-image fidelity for text fidelity"
-    first, last = row_name(ALPHAS[0]), row_name(ALPHAS[-1])
+    claim = "FaceStudio: the alpha sweep trades style-image fidelity for text fidelity" + (f" ({label})" if label
+                                                                                           else "")
+    first, last = row_name(variant, ALPHAS[0]), row_name(variant, ALPHAS[-1])
     if first not in per_image or last not in per_image:
         return {"claim": claim, "verdict": "not testable here",
-                "figure": "needs the facestudio variant (its alpha sweep) in this run's variants"}
+                "figure": "needs a FaceStudio variant (its alpha sweep) in this run's variants"}
     style = paired_difference(per_image[last]["style_fidelity"], per_image[first]["style_fidelity"], groups, seed)
     text = paired_difference(per_image[first]["text_fidelity"], per_image[last]["text_fidelity"], groups, seed)
     held = style["ci95"][0] > 0 and text["ci95"][0] > 0
-    curve = ", ".join(f"{a:g}: {per_image[row_name(a)]['style_fidelity'].mean():.2f} / "
-                      f"{per_image[row_name(a)]['text_fidelity'].mean():.2f}" for a in ALPHAS if row_name(a) in per_image)
+    rows = [(a, per_image[row_name(variant, a)]) for a in ALPHAS if row_name(variant, a) in per_image]
+    curve = ", ".join(f"{a:g}: {r['style_fidelity'].mean():.2f} / {r['text_fidelity'].mean():.2f}" for a, r in rows)
     return {"claim": claim, "verdict": "held" if held else "not held", "difference": style["difference"],
             "ci95": style["ci95"], "text_difference": text["difference"], "text_ci95": text["ci95"],
             "figure": f"style fidelity alpha 1 - 0: {style['difference']:+.3f} [{style['ci95'][0]:+.3f}, "
@@ -87,18 +104,19 @@ def trade_off_claim(per_image: dict[str, dict[str, np.ndarray]], groups: np.ndar
                       f"style photo that contradicts the prompt; style / text fidelity by alpha: {curve})"}
 
 
-def write_plot(path, summary: dict[str, dict]) -> bool:
-    """Style fidelity vs text fidelity, one point per alpha (the trade-off curve); False when no sweep ran."""
+def write_plot(path, summary: dict[str, dict], variant: str = "facestudio") -> bool:
+    """Style fidelity vs text fidelity of `variant`, one point per alpha (the trade-off curve); False when no
+    sweep of it ran."""
     from fusion_jax.reproduction.report import scatter_png
 
-    rows = [(a, summary[row_name(a)]) for a in ALPHAS if row_name(a) in summary]
+    rows = [(a, summary[row_name(variant, a)]) for a in ALPHAS if row_name(variant, a) in summary]
     if not rows:
         return False
     series = {f"alpha {a:g}": (np.array([s["text_fidelity"]]), np.array([s["style_fidelity"]])) for a, s in rows}
     scatter_png(path, series, "text fidelity (background as the prompt says)",
-                "style fidelity (background as the style image)", "FaceStudio alpha sweep (1 reference)")
+                "style fidelity (background as the style image)", f"{variant} alpha sweep (1 reference)")
     return True
 
 
-__all__ = ["ALPHAS", "STYLE_ATTRIBUTES", "row_name", "contradicting_styles", "fidelity_scores", "trade_off_claim",
-           "write_plot"]
+__all__ = ["ALPHAS", "STYLE_ATTRIBUTES", "row_name", "sweep_of", "plot_name", "contradicting_styles",
+           "fidelity_scores", "trade_off_claim", "write_plot"]

@@ -40,8 +40,13 @@ class Variant:
     face_box: bool = False  # is told where the face goes (a box per image; FlashFace's mask channel): the mean
     #                         face box of the held-out photos
     style_tower: bool = False  # reads the miniature's style tower (OUT/style_tower, trained once per folder by
-    #                            miniature_style; {style_tower} / {text_width} in the overrides)
+    #                            miniature_style; {style_tower} / {text_width} in the overrides); also sampled
+    #                            over FaceStudio's alpha sweep with contradicting style images (style_sweep)
 
+
+_FACESTUDIO = ("objective.name=facestudio", "train.trainable=adapter+lora", "data.synthfaces.recognition_embedding=true",
+               "facestudio.style_encoder={style_tower}", "facestudio.style_dim={text_width}",
+               "facestudio.text_branch=direct")
 
 VARIANTS: dict[str, Variant] = {
     "decoupled_fixed": Variant("Face Fusion (decoupled, fixed t)",
@@ -72,16 +77,18 @@ VARIANTS: dict[str, Variant] = {
         face_box=True),
     # FaceStudio: tokens from [style image embedding || recognition embedding] through one linear layer, trained by
     # reconstruction with the face-masked photo as the style input; the text branch is the pooled text state the
-    # style tower was trained to meet (text_branch=direct); adapter + LoRA (the paper's lighter recipe)
+    # style tower was trained to meet (text_branch=direct); adapter + LoRA (the paper's lighter recipe). Half the
+    # training captions leave the background out (data.synthfaces.caption_background_dropout), as real captions
+    # leave out much of what the style image shows: with every caption stating it, the style input tells the
+    # model nothing the prompt does not (facestudio_full_captions, the ablation)
     "facestudio": Variant("FaceStudio (hybrid style / identity tokens)", (
-        "objective.name=facestudio", "train.trainable=adapter+lora", "data.synthfaces.recognition_embedding=true",
-        "facestudio.style_encoder={style_tower}", "facestudio.style_dim={text_width}",
-        "facestudio.text_branch=direct"), style_tower=True),
+        *_FACESTUDIO, "data.synthfaces.caption_background_dropout=0.5"), style_tower=True),
+    "facestudio_full_captions": Variant("FaceStudio (hybrid style / identity tokens, every caption states the "
+                                        "background)", _FACESTUDIO, style_tower=True),
 }
 REFERENCE_VARIANT = "decoupled_fixed"  # the compute budget is counted in this variant's steps
 SINGLE_CFG_VARIANT = "flashface"  # also sampled with single CFG (FlashFace's disentangled-guidance claim)
 
-STYLE_VARIANT = "facestudio"  # also sampled over the alpha sweep with contradicting style images (style_sweep)
 STYLE_TOWER_DIR = "style_tower"  # under OUT: the miniature style tower (miniature_style.train_style_tower)
 
 # Registered methods the miniature cannot train, and why (reported in the table's notes); none at present.
@@ -114,7 +121,6 @@ class EvaluationConfig:
 RESULTS_BEGIN = "<!-- evaluate.py section: begin -->"
 RESULTS_END = "<!-- evaluate.py section: end -->"
 PLOTS = ("evaluation_identity_vs_prompt.png", "evaluation_sim_target_vs_references.png")
-ALPHA_PLOT = "evaluation_facestudio_alpha.png"  # only when the run has the facestudio variant
 
 
 # ------------------------------------------------------------------------------------------------- compute
@@ -154,8 +160,11 @@ _REUSABLE_PREFIXES = ("logging.", "checkpoint.")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """'a.b.c' -> value of a config; the registered method sections under their own names ('facestudio.alpha')."""
     if dataclasses.is_dataclass(tree):
         tree = dataclasses.asdict(tree)
+        if isinstance(tree.get("sections"), (tuple, list)):
+            tree.update(dict(tree.pop("sections")))
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for k, v in tree.items():
@@ -247,8 +256,8 @@ def sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg: EvaluationC
     return images, per_image_scores(metrics, images, eval_set, n)
 
 
-def alpha_sweep(pipeline, identity_cfg, metrics, eval_set: mm.EvalSet, cfg: EvaluationConfig, faces
-                ) -> dict[str, dict[str, np.ndarray]]:
+def alpha_sweep(pipeline, identity_cfg, metrics, eval_set: mm.EvalSet, cfg: EvaluationConfig, faces,
+                variant: str) -> dict[str, dict[str, np.ndarray]]:
     """FaceStudio with 1 reference and each row's contradicting style photo at every style_sweep.ALPHAS: the
     table's scores plus style / text fidelity per image (same rows and initial noise at every alpha)."""
     from fusion_jax import style_sweep
@@ -261,8 +270,9 @@ def alpha_sweep(pipeline, identity_cfg, metrics, eval_set: mm.EvalSet, cfg: Eval
                                   steps=cfg.sample_steps, guidance=cfg.guidance, reference_guidance="disentangled",
                                   reference_scale=cfg.reference_scale, batch=min(16, len(eval_set.captions)),
                                   seed=cfg.seed, style_images=styles)
-        rows[style_sweep.row_name(alpha)] = {**per_image_scores(metrics, images, eval_set, 1),
-                                             **style_sweep.fidelity_scores(metrics, images, eval_set, style_labels)}
+        rows[style_sweep.row_name(variant, alpha)] = {
+            **per_image_scores(metrics, images, eval_set, 1),
+            **style_sweep.fidelity_scores(metrics, images, eval_set, style_labels)}
     return rows
 
 
@@ -343,7 +353,9 @@ def check_claims(per_image: dict[str, dict[str, np.ndarray]], eval_set: mm.EvalS
                                 f"reference's")
     from fusion_jax import style_sweep
 
-    claims.append(style_sweep.trade_off_claim(per_image, groups, seed))
+    swept = [v for v in VARIANTS if VARIANTS[v].style_tower and style_sweep.row_name(v, 0.0) in per_image]
+    for v in swept or [next(v for v in VARIANTS if VARIANTS[v].style_tower)]:
+        claims.append(style_sweep.trade_off_claim(per_image, groups, seed, v, v if len(swept) > 1 else ""))
     return claims
 
 
@@ -362,8 +374,11 @@ def row_label(row: str) -> str:
     """'decoupled_fixed_4' -> 'Face Fusion (decoupled, fixed t), 4 references'."""
     if row == "no_reference":
         return "no reference (base model)"
-    if row.startswith("facestudio_alpha"):
-        return f"{VARIANTS['facestudio'].label}, 1 reference, contradicting style image, alpha {row[16:]}"
+    from fusion_jax import style_sweep
+
+    if style_sweep.sweep_of(row):
+        name, alpha = style_sweep.sweep_of(row)
+        return f"{VARIANTS[name].label}, 1 reference, contradicting style image, alpha {alpha}"
     if row.endswith("_1_cfg"):
         return f"{VARIANTS[row[: -len('_1_cfg')]].label}, 1 reference, single CFG"
     name, n = row.rsplit("_", 1)
@@ -401,12 +416,15 @@ def write_plots(out: Path, summary: dict[str, dict], variants: Sequence[str]) ->
     scatter_png(paths[1], curve, "number of references", "SimTarget", "SimTarget vs number of references")
     from fusion_jax import style_sweep
 
-    if style_sweep.write_plot(out / ALPHA_PLOT, summary):
-        paths.append(out / ALPHA_PLOT)
+    for v in variants:
+        if VARIANTS[v].style_tower and style_sweep.write_plot(out / style_sweep.plot_name(v), summary, v):
+            paths.append(out / style_sweep.plot_name(v))
     return paths
 
 
 def report_markdown(cfg: EvaluationConfig, doc: dict[str, Any]) -> str:
+    from fusion_jax import style_sweep
+
     compute = doc["compute"]
     lines = [
         "Command: `python infer/evaluate.py --config configs/synthfaces/experiment.yaml out=OUT"
@@ -419,15 +437,17 @@ def report_markdown(cfg: EvaluationConfig, doc: dict[str, Any]) -> str:
         f"{cfg.sample_steps}, text guidance {cfg.guidance}, reference guidance {cfg.reference_scale} "
         f"(disentangled unless the row says single CFG). Brackets: 95% bootstrap interval over identities.",
         "",
-        results_table({r: v for r, v in doc["summary"].items() if not r.startswith("facestudio_alpha")}),
+        results_table({r: v for r, v in doc["summary"].items() if not style_sweep.sweep_of(r)}),
         "",
         "| method | GFLOP per training step | steps | wall s (training) |",
         "|---|---|---|---|",
     ]
     for v in cfg.variants:
+        timing = doc["timings"][v]
+        wall = f"{timing['seconds']:.0f}" if timing.get("trained", True) else "reused"
         lines.append(f"| {VARIANTS[v].label} | {compute['gflop_per_step'][v]:.2f} | {compute['steps'][v]} | "
-                     f"{doc['timings'][v]['seconds']:.0f} |")
-    sweep = {r: v for r, v in doc["summary"].items() if r.startswith("facestudio_alpha")}
+                     f"{wall} |")
+    sweep = {r: v for r, v in doc["summary"].items() if style_sweep.sweep_of(r)}
     if sweep:
         lines += ["", "FaceStudio's alpha sweep (style fidelity / text fidelity: the background colour and pattern "
                       "read as the style image's / the prompt's, which always differ):", "",
@@ -443,7 +463,8 @@ def report_markdown(cfg: EvaluationConfig, doc: dict[str, Any]) -> str:
               "", "Claims of the seed papers:", "", "| claim | verdict | deciding figure |", "|---|---|---|"]
     for c in doc["claims"]:
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['figure']} |")
-    plots = PLOTS + ((ALPHA_PLOT,) if any(r.startswith("facestudio_alpha") for r in doc["summary"]) else ())
+    swept = dict.fromkeys(style_sweep.sweep_of(r)[0] for r in doc["summary"] if style_sweep.sweep_of(r))
+    plots = PLOTS + tuple(style_sweep.plot_name(v) for v in swept)
     lines += ["", f"Plots: {', '.join(plots)}. Wall time of this run: {doc['wall_s'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
@@ -529,13 +550,13 @@ def evaluate(cfg: EvaluationConfig, log: Callable[[str], None] = print,
         identity_cfg = mm.run_identity_config(run_config)
         boxes = mean_face_boxes(eval_set) if VARIANTS[name].face_box else None
         t = time.perf_counter()
-        if name == STYLE_VARIANT:  # the identity rows: no style image, alpha 1 (training's style-dropped input)
+        if VARIANTS[name].style_tower:  # the identity rows: no style image, alpha 1 (training's style-dropped input)
             styled_cfg, identity_cfg = identity_cfg, dataclasses.replace(identity_cfg, alpha=1.0)
         for n in (1, 4):
             _, per_image[f"{name}_{n}"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, n,
                                                            boxes=boxes)
-        if name == STYLE_VARIANT:
-            per_image.update(alpha_sweep(pipeline, styled_cfg, metrics, eval_set, cfg, base.data.synthfaces))
+        if VARIANTS[name].style_tower:
+            per_image.update(alpha_sweep(pipeline, styled_cfg, metrics, eval_set, cfg, base.data.synthfaces, name))
         if name == SINGLE_CFG_VARIANT:  # single CFG on the same rows: the disentangled-guidance claim
             _, per_image[f"{name}_1_cfg"] = sample_and_score(pipeline, identity_cfg, metrics, eval_set, cfg, 1, "cfg",
                                                              boxes=boxes)

@@ -5,6 +5,7 @@ reused, refused when the settings differ); and the alpha sweep's style photos an
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,14 @@ def test_train_style_tower_writes_a_facestudio_style_encoder(tmp_path):
     with pytest.raises(ValueError, match=r"tower holds a style tower trained with other settings"):
         ms.train_style_tower(tmp_path / "tower", pipeline, FACES, dataclasses.replace(cfg, steps=4))
     assert (tmp_path / "tower" / "model.safetensors").read_bytes() == before
+    # a record written before a SynthFaceConfig field existed is that field's default: still the same settings
+    saved = json.loads((tmp_path / "tower" / "training.json").read_text())
+    del saved["settings"]["synthfaces"]["caption_background_dropout"]
+    (tmp_path / "tower" / "training.json").write_text(json.dumps(saved))
+    assert ms.train_style_tower(tmp_path / "tower", pipeline, FACES, cfg, logs.append)["steps"] == 3
+    with pytest.raises(ValueError, match="other settings"):
+        ms.train_style_tower(tmp_path / "tower", pipeline,
+                             dataclasses.replace(FACES, caption_background_dropout=0.5), cfg)
 
 
 def test_contradicting_styles_never_share_the_prompted_background():

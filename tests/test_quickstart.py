@@ -225,7 +225,7 @@ def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path)
     assert doc["timings"]["ip_adapter_faceid"]["step"] == faceid_steps
     from fusion_jax import style_sweep
 
-    sweep = {style_sweep.row_name(a) for a in style_sweep.ALPHAS}
+    sweep = {style_sweep.row_name("facestudio", a) for a in style_sweep.ALPHAS}
     assert set(doc["summary"]) == {"no_reference", "decoupled_fixed_1", "decoupled_fixed_4", "ip_adapter_faceid_1",
                                    "ip_adapter_faceid_4", "facestudio_1", "facestudio_4"} | sweep
     # FaceStudio reads the style tower trained in this folder (its record is in the report), at equal FLOPs
@@ -260,7 +260,7 @@ def test_reduced_evaluation_reuses_the_quickstart_base_model(fast_run, tmp_path)
     assert "Face Fusion (decoupled, fixed t), 4 references" in markdown and "**not testable here**" in markdown
     assert markdown in results.read_text() and results.read_text().startswith("# Results\n")
     assert "FaceStudio's alpha sweep" in markdown and "alpha 0.50" in markdown
-    for name in (*sr.PLOTS, sr.ALPHA_PLOT):
+    for name in (*sr.PLOTS, style_sweep.plot_name("facestudio")):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -97,6 +97,19 @@ def test_the_varied_reference_ablation_differs_from_decoupled_fixed_only_in_its_
     assert flat["decoupled_fixed"]["data.pipeline.vary_references"] is False
 
 
+def test_the_full_caption_ablation_differs_from_facestudio_only_in_its_captions(tmp_path):
+    """facestudio trains on captions that leave the background out of half the photos; its ablation states it in
+    every caption: nothing else differs, and both read the folder's style tower."""
+    cfg = sr.EvaluationConfig(out=str(tmp_path), base_steps=4, fusion_steps=4, widths=(8, 16))
+    flat = {n: sr._flat(sr.variant_config(cfg, str(tmp_path), n, 4)) for n in ("facestudio",
+                                                                             "facestudio_full_captions")}
+    differ = {k for k in flat["facestudio"] if flat["facestudio"][k] != flat["facestudio_full_captions"][k]}
+    assert differ == {"workdir", "data.synthfaces.caption_background_dropout"}
+    assert flat["facestudio"]["data.synthfaces.caption_background_dropout"] == 0.5
+    assert flat["facestudio_full_captions"]["data.synthfaces.caption_background_dropout"] == 0.0
+    assert flat["facestudio"]["facestudio.style_encoder"] == (str(tmp_path / sr.STYLE_TOWER_DIR),)
+
+
 def test_mean_face_box_is_the_held_out_photos_mean_inside_the_image():
     from fusion_jax.data import synthfaces
 

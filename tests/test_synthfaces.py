@@ -130,3 +130,26 @@ def test_landmarks_match_the_traits_and_the_crop_is_aligned(identity, photo):
     # only (measured 0.6-1.5 grey levels on average); a crop off by one pixel differs by 4-9.
     difference = np.abs(warped.astype(float) - record["face_crop"].astype(float))
     assert difference[4:-4, 4:-4].mean() < 2.5
+
+
+def test_caption_background_dropout_leaves_the_background_out_of_some_captions_only():
+    """A fraction of photos (drawn once per photo) keep their background in the image but not in the caption;
+    every other byte of the record is what the default config renders."""
+    dropped = sf.SynthFaceConfig(image_size=32, caption_background_dropout=0.5)
+    full = sf.SynthFaceConfig(image_size=32)
+    states = []
+    for identity, photo in itertools.product(range(10), range(8)):
+        a, b = sf.render_face(identity, photo, dropped), sf.render_face(identity, photo, full)
+        assert a["image"].tobytes() == b["image"].tobytes() and a["attributes"] == b["attributes"]
+        stated = sf.parse_caption(a["caption"]).as_dict()
+        expected = dict(b["attributes"])
+        if stated["background_colour"] is None:
+            expected.update(background_colour=None, background_pattern=None)
+        assert stated == expected
+        assert sf.render_face(identity, photo, dropped)["caption"] == a["caption"]  # fixed per photo
+        states.append(stated["background_colour"] is not None)
+    assert 0.3 < np.mean(states) < 0.7  # 80 photos at p = 0.5
+    assert all(sf.parse_caption(sf.render_face(i, 0, sf.SynthFaceConfig(
+        image_size=32, caption_background_dropout=1.0))["caption"]).background_colour is None for i in range(5))
+    with pytest.raises(ValueError, match="caption_background_dropout"):
+        sf.SynthFaceConfig(caption_background_dropout=1.5)

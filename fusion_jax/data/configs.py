@@ -90,6 +90,9 @@ class SynthFaceConfig:
     # the person's traits plus per-photo noise), for the methods that read one; False = zeros, has_embedding False
     recognition_embedding: bool = False
     embedding_noise: float = 0.5  # norm of the per-photo noise added to the unit identity embedding
+    # probability that a photo's caption leaves its background unstated (drawn once per photo, so a photo keeps
+    # its caption): real captions leave out much of what a photo shows; the image and `attributes` keep it
+    caption_background_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 16:
@@ -107,6 +110,8 @@ class SynthFaceConfig:
             raise ValueError(f"crop_extent must be > 0, got {self.crop_extent!r}")
         if not self.embedding_noise >= 0:
             raise ValueError(f"embedding_noise must be >= 0, got {self.embedding_noise!r}")
+        if not 0.0 <= self.caption_background_dropout <= 1.0:
+            raise ValueError(f"caption_background_dropout must be in [0, 1], got {self.caption_background_dropout!r}")
 
     @property
     def face_crop_size(self) -> int:

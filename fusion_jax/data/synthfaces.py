@@ -512,6 +512,16 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:2, :2].T + matrix[:2, 2]
 
 
+def caption_attributes(identity_id: int, photo_id: int, config: SynthFaceConfig, attrs: PromptAttributes
+                       ) -> PromptAttributes:
+    """The attributes a photo's caption states: all of `attrs`, or without the background for the photos that
+    `config.caption_background_dropout` picks (its own random stream per photo: nothing else changes)."""
+    p = config.caption_background_dropout
+    if p <= 0.0 or np.random.default_rng([int(config.seed), int(identity_id), int(photo_id), 0xCB]).random() >= p:
+        return attrs
+    return dataclasses.replace(attrs, background_colour=None, background_pattern=None)
+
+
 def render_face(
     identity_id: int,
     photo_id: int,
@@ -525,7 +535,7 @@ def render_face(
     (image-left eye, image-right eye, nose tip, mouth corners), both in pixel-index coordinates (pixel centres
     at integers); embedding float32 (512,): zeros with has_embedding False, or with
     `config.recognition_embedding` the ArcFace stand-in of `synth_recognition`; identity, photo_id int64; caption
-    str; attributes dict; attribute_labels int64 (4,).
+    str (the attributes `caption_attributes` states); attributes dict (all four); attribute_labels int64 (4,).
     """
     traits = sample_identity(identity_id, config.seed)
     photo = sample_photo(identity_id, photo_id, config.seed, attributes)
@@ -581,7 +591,7 @@ def render_face(
         "has_embedding": has_embedding,
         "identity": np.int64(identity_id),
         "photo_id": np.int64(photo_id),
-        "caption": build_caption(attrs),
+        "caption": build_caption(caption_attributes(identity_id, photo_id, config, attrs)),
         "attributes": attrs.as_dict(),
         "attribute_labels": attrs.labels(),
     }

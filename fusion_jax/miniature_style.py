@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fusion_jax import saved_settings
 from fusion_jax.data import synthfaces
 from fusion_jax.data.configs import PipelineConfig, SynthFaceConfig
 
@@ -134,15 +135,12 @@ def _settings(cfg: StyleTowerConfig, faces: SynthFaceConfig, pipeline_dir: str) 
 
 
 def _same_settings(saved: Any, wanted: dict[str, Any]) -> bool:
-    """Whether a saved tower's settings are `wanted`; SynthFaceConfig fields added since it was saved count as
-    their defaults (what that run used), as `config.load_config` reads an older config file."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("synthfaces"), dict):
+    """Whether a saved tower's settings are `wanted` (SynthFaceConfig fields added since: their defaults)."""
+    if not isinstance(saved, dict) or set(saved) != set(wanted):
         return False
-    try:
-        faces = dataclasses.asdict(SynthFaceConfig(**saved["synthfaces"]))
-    except (TypeError, ValueError):
-        return False
-    return {**saved, "synthfaces": faces} == json.loads(json.dumps(wanted))
+    return (saved_settings.matches(saved["tower"], StyleTowerConfig(**wanted["tower"]))
+            and saved_settings.matches(saved["synthfaces"], SynthFaceConfig(**wanted["synthfaces"]))
+            and saved["text_encoder"] == wanted["text_encoder"])
 
 
 def train_style_tower(out_dir: str | os.PathLike, pipeline_dir: str | os.PathLike, faces: SynthFaceConfig,

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from fusion_jax import evaluation
+from fusion_jax import evaluation, saved_settings
 from fusion_jax.data import synthfaces
 
 # ------------------------------------------------------------------------------------------------------
@@ -677,7 +677,7 @@ def prepare_synthface_metrics(
     if not retrain and all(os.path.exists(p) for p in paths.values()):
         with open(paths[REPORT_FILE]) as f:
             report = json.load(f)
-        if report.get("setup") == json.loads(setup.to_json()):
+        if saved_settings.matches(report.get("setup"), setup):
             if log:
                 log(f"synthface metrics: loaded from {out_dir} (held-out verification accuracy "
                     f"{report['verification']['verification_accuracy']:.3f})")

@@ -33,6 +33,7 @@ from flax import nnx
 
 from fusion_jax import precision
 from fusion_jax.identity.context import IdentityContext, ReferenceCapture
+from fusion_jax.models import blocked_attention as _blocked
 from fusion_jax.models.remat import REMAT_POLICY, Remat, call_maybe_remat, remat_name  # noqa: F401  (re-exported)
 from fusion_jax.models.resnet import GroupNorm, conv2d
 
@@ -85,36 +86,18 @@ def _map_query_chunks(fn, q: jax.Array, chunk: int, *per_query: jax.Array, query
     return jax.tree.map(merge, outs)
 
 
-def _heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention on (B, H, L, D) operands -> (B, H, Lq, D); float32 scores and softmax.
-
-    The softmax is normalised after the value product (divide the (Lq, D) output, not the (Lq, Lk) weights) and
-    the 1/sqrt(D) scale goes on q: plain softmax attention with two fewer passes over the (Lq, Lk) scores.
-    """
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out / weights.sum(axis=-1, keepdims=True)
-
-
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-    """The CPU kernel: (B, Lq, H, D) attention computed heads-first, `block` queries at a time.
+    """The CPU kernel: (B, Lq, H, D) attention, `block` queries at a time, with a recomputing backward
+    (`fusion_jax.models.blocked_attention`).
 
     Why (measured, `benchmarks/unet.py`, 2 cores): XLA:CPU runs attention einsums on the (B, L, H, D) layout (that
     of `jax.nn.dot_product_attention`) with a transpose of the whole (B, H, Lq, Lk) score tensor around each
     contraction, and a full 1024 x 1024 score tensor per head no longer fits the cache. Keys and values are moved
-    heads-first once, each block of queries as it is taken; 128 queries at a time (8 heads x 128 x 1024 float32
-    scores = 4 MiB) made the `mid` UNet forward about 1.6x faster. Blocks run under `lax.map`
-    (`_map_query_chunks`), so the score memory is bounded by (B, H, block, Lk) for any length.
+    heads-first once; 128 queries at a time (8 heads x 128 x 1024 float32 scores = 4 MiB) made the `mid` UNet
+    forward about 1.6x faster. The score memory is bounded by (B, H, block, Lk) for any length, in the backward
+    pass too.
     """
-    kh, vh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
-
-    def one_block(q_block: jax.Array) -> jax.Array:
-        out = _heads_first_attention(jnp.transpose(q_block, (0, 2, 1, 3)), kh, vh)
-        return jnp.transpose(out, (0, 2, 1, 3))
-
-    return _map_query_chunks(one_block, q, block)
+    return _blocked.blocked_attention(q, k, v, block)
 
 
 def dot_product_attention(
